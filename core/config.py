@@ -1,0 +1,59 @@
+"""Configuration, read from the environment (prefix ``CAPTCHA_``) and an optional ``.env`` file.
+
+Every setting has a documented default so a fresh checkout runs with no configuration at all:
+SQLite in the working directory, Redis on localhost, the checkpoint shipped in the package.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPTCHA_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///captcha-queue.db",
+        description="SQLAlchemy URL; sqlite:///FILE (default) or postgresql+psycopg://user:pw@host/db",
+    )
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker, a redis:// URL")
+    checkpoint: Path | None = Field(
+        None, description="Checkpoint (.safetensors, with its .json beside it); default: the shipped one"
+    )
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="Versioned checkpoint store for retraining")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    batch_size: int = Field(32, ge=1, description="Images per inference batch in a worker")
+    paths_per_message: int = Field(64, ge=1, description="Image paths carried by one broker message")
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories images may be read from (JSON list or comma-separated); empty = anywhere",
+    )
+    max_image_pixels: int = Field(4_000_000, ge=1, description="Images with more pixels are refused")
+    max_image_width: int = Field(4096, ge=1, description="Images wider than this are refused")
+    torch_threads: int | None = Field(None, description="Intra-op threads per worker process (default: cores/processes)")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing the environment)."""
+    return Settings()
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs and CLI output)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
