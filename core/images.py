@@ -1,0 +1,88 @@
+"""Reading images safely: any PNG/JPEG/BMP/WebP in any mode becomes an RGB image; failures get readable reasons.
+
+Transparent pixels are composited on white (``Image.convert('RGB')`` alone would keep whatever colour they store,
+often black). Truncated files are errors, never silently padded. Size limits guard against decompression bombs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+DEFAULT_MAX_PIXELS = 4_000_000
+DEFAULT_MAX_WIDTH = 4096
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded; ``str(exc)`` is a reason fit for a ``failed`` row."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency (RGBA, LA, P with transparency) on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bit before converting
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        arr = (arr * (255.0 / hi)) if hi > 255 else arr
+        img = Image.fromarray(arr.clip(0, 255).astype("uint8"), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_width: int = DEFAULT_MAX_WIDTH,
+) -> Image.Image:
+    """Open ``path`` and return a fully decoded RGB image.
+
+    Raises ``ImageError`` with a readable reason for: a missing file, a directory, an empty file, a file that is
+    not an image, a truncated image, an image over ``max_pixels`` or wider than ``max_width``.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {p}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot access file: {exc.strerror or exc}") from None
+    if p.is_dir():
+        raise ImageError(f"is a directory, not an image: {p}")
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with Image.open(p) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+            if w > max_width:
+                raise ImageError(f"image too wide: {w} px exceeds the limit of {max_width} px")
+            img.load()
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not a recognised image file (PNG, JPEG, BMP or WebP expected)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large (decompression bomb): {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            raise ImageError(f"truncated image file: {msg}") from None
+        raise ImageError(f"cannot decode image: {msg}") from None
