@@ -1,0 +1,168 @@
+"""SQLAlchemy 2.0 typed models: jobs, the images they register, decoding results and their characters, model versions.
+
+One ``Image`` row per (job, path). A decoded image has one ``Result`` per model version that decoded it (a
+redelivered batch overwrites its row), and each result owns its ``Character`` rows (boxes are x1, y1, x2, y2 in
+original image pixels). ``Image.model_version`` names the version of the latest attempt; the result shown for an
+image is the one for that version.
+
+Every schema change is an Alembic migration under ``db/migrations/versions``; constraint names come from the
+naming convention below so autogenerate stays stable across SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+IMAGE_STATUSES = ("pending", "done", "failed")
+MODEL_STATUSES = ("training", "ready", "champion", "retired")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that always returns aware UTC datetimes (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Job(Base):
+    """One enqueue run: a folder (or list) of images registered together."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+
+    images: Mapped[list[Image]] = relationship(back_populates="job", passive_deletes=True)
+
+
+class Image(Base):
+    """An image path registered by a job; ``status`` is pending until a worker records an outcome."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("job_id", "path"),
+        Index("ix_images_job_id_status", "job_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))  # indexed by (job_id, status)
+    path: Mapped[str] = mapped_column(Text, index=True)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(64), index=True)
+    enqueued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    job: Mapped[Job] = relationship(back_populates="images")
+    results: Mapped[list[Result]] = relationship(back_populates="image", passive_deletes=True)
+
+
+class Result(Base):
+    """The string one model version decoded from one image, with timings (milliseconds)."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("image_id", "model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    text: Mapped[str] = mapped_column(String(64), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    load_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    infer_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="results")
+    characters: Mapped[list[Character]] = relationship(
+        back_populates="result", order_by="Character.index", passive_deletes=True
+    )
+
+
+class Character(Base):
+    """One detected character of a result: its position in the string, box (x1, y1, x2, y2 px) and score."""
+
+    __tablename__ = "characters"
+    __table_args__ = (UniqueConstraint("result_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    char: Mapped[str] = mapped_column(String(1))
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+
+    result: Mapped[Result] = relationship(back_populates="characters")
+
+
+class ModelVersion(Base):
+    """A trained checkpoint known to the service (``number`` is the user-facing version number)."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, unique=True)
+    arch: Mapped[str] = mapped_column(String(32))
+    parent: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    data_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="training", index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

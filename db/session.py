@@ -1,0 +1,113 @@
+"""Engines, sessions and schema upgrades.
+
+Engines are created lazily, one per (process, URL): a forked child (a Celery prefork worker) never reuses the
+parent's pooled connections. SQLite connections get WAL, a 30 s busy timeout and foreign keys on every connect.
+The schema is managed only by Alembic: ``upgrade(url)`` runs the migrations shipped in ``db/migrations``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_engines: dict[tuple[int, str], Engine] = {}
+_lock = threading.Lock()
+
+
+def database_url(url: str | None = None) -> str:
+    """``url``, or ``Settings.database_url`` when None."""
+    if url is not None:
+        return url
+    from core.config import get_settings
+
+    return get_settings().database_url
+
+
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _create(url: str) -> Engine:
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = create_engine(parsed, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """The engine for ``url`` (default: ``Settings.database_url``) in this process, created on first use."""
+    url = database_url(url)
+    key = (os.getpid(), url)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = _create(url)
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close this process's pooled connections and forget every engine (the next use creates a fresh one)."""
+    pid = os.getpid()
+    with _lock:
+        for (owner, _), engine in list(_engines.items()):
+            # close=False for engines inherited through fork: their sockets belong to the parent
+            engine.dispose(close=owner == pid)
+        _engines.clear()
+
+
+def _forget_engines_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
+def session_factory(url: str | None = None) -> sessionmaker[Session]:
+    """A ``sessionmaker`` bound to this process's engine for ``url``; the caller owns each session and commits."""
+    return sessionmaker(bind=make_engine(url), expire_on_commit=False)
+
+
+def alembic_config() -> Any:
+    """An Alembic ``Config`` pointing at the migrations shipped with this package (works from any cwd)."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Migrate the database at ``url`` (default: ``Settings.database_url``) to ``revision``."""
+    from alembic import command
+
+    config = alembic_config()
+    with make_engine(url).begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
