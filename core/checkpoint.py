@@ -1,0 +1,302 @@
+"""Checkpoints: safetensors weights plus a JSON metadata file beside them, and resumable training state.
+
+A checkpoint ``PATH`` (``.safetensors``) always comes with ``PATH.with_suffix(".json")`` holding the format version,
+the architecture and its ``model_config`` (``build_model(**model_config)`` rebuilds the network), the charset, the
+metrics, the training configuration, a summary of the training data, the creation time and the sha256 of the weights
+file. Nothing here unpickles: weights are read with ``safetensors`` and everything else is JSON.
+
+Files are published atomically (temporary file in the same folder, flush, fsync, ``os.replace``); the JSON is
+written after the weights, so a reader that finds the JSON also finds the weights it describes.
+
+Training state (the last epoch's weights, optimizer tensors, RNG state) lives in a second pair of files,
+``PATH.state.safetensors`` + ``PATH.state.json``, so ``train --resume`` continues where a run stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.charset import CHARS
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match this code (missing, corrupt, wrong charset, ...)."""
+
+
+def default_checkpoint_path() -> Path:
+    """The checkpoint shipped with the package: ``core/default_checkpoint/fast.safetensors``."""
+    return Path(__file__).resolve().parent / "default_checkpoint" / "fast.safetensors"
+
+
+def metadata_path(path: str | os.PathLike) -> Path:
+    """The JSON file that describes the weights at ``path``."""
+    return Path(path).with_suffix(".json")
+
+
+def state_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The training-state files (tensors, JSON) kept beside the checkpoint at ``path``."""
+    p = Path(path)
+    stem = p.with_suffix("")
+    return stem.with_name(stem.name + ".state.safetensors"), stem.with_name(stem.name + ".state.json")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder (fsync, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
+def _tensors_for_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies (safetensors refuses tensors that share storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    _write_atomic(path, save(_tensors_for_file(tensors), metadata={"format": "pt"}))
+
+
+def _load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"corrupt or unreadable safetensors file {path}: {exc}") from None
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model``'s weights to ``path`` (safetensors) and its description to ``path.with_suffix('.json')``.
+
+    ``model.config`` (JSON-able, with ``"arch"``) is stored as ``model_config``. ``metadata`` may carry
+    ``metrics``, ``train_config``, ``data_summary``, ``version`` and any other JSON-able keys; they are stored as
+    given. Returns ``path``.
+    """
+    path = Path(path)
+    config = dict(getattr(model, "config", None) or {})
+    if "arch" not in config:
+        raise CheckpointError("model.config must be a dict with an 'arch' key so the network can be rebuilt")
+    _save_tensors(path, model.state_dict())
+    extra = dict(metadata or {})
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "arch": config["arch"],
+        "model_config": config,
+        "charset": CHARS,
+        "metrics": extra.pop("metrics", {}),
+        "train_config": extra.pop("train_config", {}),
+        "data_summary": extra.pop("data_summary", {}),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sha256": sha256_file(path),
+    }
+    if extra.get("version") is None:
+        extra.pop("version", None)
+    meta.update(extra)
+    _write_atomic(metadata_path(path), _json_bytes(meta))
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of the checkpoint at ``path`` (raises ``CheckpointError`` when missing or invalid)."""
+    meta_file = metadata_path(path)
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint metadata not found: {meta_file} (expected beside {Path(path).name})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_file}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_file}: not a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: unsupported checkpoint format_version {version!r} (expected {FORMAT_VERSION})")
+    for key in ("arch", "model_config", "charset", "sha256"):
+        if key not in meta:
+            raise CheckpointError(f"{meta_file}: missing key {key!r}")
+    return meta
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", verify_sha256: bool = True
+) -> tuple[nn.Module, dict]:
+    """Rebuild the network described by ``path``'s JSON, load its weights (strict) and return ``(model, metadata)``.
+
+    The model is on ``device`` and in eval mode. Raises ``CheckpointError`` for a missing or corrupt file, a charset
+    other than ``0-9a-z``, weights whose sha256 differs from the metadata (when ``verify_sha256``), or weights that
+    do not fit the architecture.
+    """
+    from core.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    meta = read_metadata(path)
+    if meta["charset"] != CHARS:
+        raise CheckpointError(f"{path}: trained for charset {meta['charset']!r}, this code reads {CHARS!r}")
+    if verify_sha256:
+        actual = sha256_file(path)
+        if actual != meta["sha256"]:
+            raise CheckpointError(
+                f"{path}: sha256 mismatch (file {actual[:12]}..., metadata {str(meta['sha256'])[:12]}...); "
+                "the weights were modified or belong to another checkpoint"
+            )
+    state = _load_tensors(path)
+    try:
+        model = build_model(**meta["model_config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot build model from model_config {meta['model_config']}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the {meta['arch']!r} architecture: {exc}") from None
+    return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training state (resume)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into flat tensors (``optim.<param>.<name>``) and JSON-able rest."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, entry in sd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{param_id}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, param_id, name = key.split(".", 2)
+            state.setdefault(int(param_id), {})[name] = value
+    for param_id, entry in info["scalars"].items():
+        state.setdefault(int(param_id), {}).update(entry)
+    current = optimizer.state_dict()["param_groups"]
+    if len(current) != len(info["param_groups"]):
+        raise CheckpointError("training state has a different number of optimizer parameter groups")
+    groups = []
+    for saved, now in zip(info["param_groups"], current):
+        # JSON turns tuples (e.g. AdamW betas) into lists: restore the types the optimizer uses
+        groups.append({k: (tuple(v) if isinstance(now.get(k), tuple) else v) for k, v in saved.items()})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_training_state(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> tuple[Path, Path]:
+    """Save what ``train --resume`` needs beside checkpoint ``path``: the model's current weights, the optimizer
+    tensors and hyperparameters, torch's and Python's RNG state, and ``state`` (epoch, step, history: JSON-able).
+    Returns the two files written.
+    """
+    import torch
+
+    tensor_file, json_file = state_paths(path)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    optim_tensors, optim_info = _optimizer_to_files(optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    _save_tensors(tensor_file, tensors)
+    py_version, py_state, py_gauss = random.getstate()
+    doc = {
+        "format_version": STATE_FORMAT_VERSION,
+        "model_config": dict(getattr(model, "config", {})),
+        "optimizer": optim_info,
+        "python_random": [py_version, list(py_state), py_gauss],
+        "sha256": sha256_file(tensor_file),
+        "state": state,
+    }
+    _write_atomic(json_file, _json_bytes(doc))
+    return tensor_file, json_file
+
+
+def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model weights, optimizer and RNG state saved by ``save_training_state``; return its ``state`` dict."""
+    import torch
+
+    tensor_file, json_file = state_paths(path)
+    try:
+        doc = json.loads(json_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no training state to resume from: {json_file} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt training state {json_file}: {exc}") from None
+    if doc.get("format_version") != STATE_FORMAT_VERSION:
+        raise CheckpointError(f"{json_file}: unsupported training-state format_version {doc.get('format_version')!r}")
+    if doc.get("model_config") != dict(getattr(model, "config", {})):
+        raise CheckpointError(
+            f"{json_file}: saved for model_config {doc.get('model_config')}, not {getattr(model, 'config', None)}"
+        )
+    if sha256_file(tensor_file) != doc.get("sha256"):
+        raise CheckpointError(f"{tensor_file}: sha256 mismatch with {json_file.name}")
+    tensors = _load_tensors(tensor_file)
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{tensor_file}: weights do not match the model: {exc}") from None
+    _optimizer_from_files(optimizer, tensors, doc["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    py_version, py_state, py_gauss = doc["python_random"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    return doc["state"]
