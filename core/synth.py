@@ -1,0 +1,308 @@
+"""Synthetic text CAPTCHAs with exact per-character boxes, styled after the real family the detector reads.
+
+The real images are 80 px high, 150-780 px wide, with 4-8 characters from ``0-9a-z`` spread widely over a white
+background. Within one image all glyphs share a font, size (10-45 px tall), case (lower, upper or mixed, the label
+staying lowercase), stroke style and rotation regime (upright, a common lean, or each glyph turned by up to 90
+degrees); each glyph has its own flat colour, from pale to dark. Thin black lines cross the image, glyphs included.
+
+Fonts are the DejaVu, STIX and Computer Modern faces shipped inside matplotlib; condensed and wide variants come
+from horizontal scaling, bold / thin / outlined / hatched strokes from mask operations. A glyph's box is the
+bounding box of its own painted pixels (alpha mask after scaling and rotation), so lines never widen it.
+
+Everything random comes from the ``random.Random`` passed in (``generate`` seeds one per image from
+``(seed, index)``), so the same seed gives byte-identical files whatever the number of workers. PIL and numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from core.charset import CHARS, encode
+from core.formats import write_yolo_labels
+
+HEIGHT = 80
+MIN_WIDTH, MAX_WIDTH = 150, 780
+MIN_LENGTH, MAX_LENGTH = 4, 8
+_ALPHA_FLOOR = 40  # mask values below this are dropped, so every painted pixel lies inside its glyph's box
+_LINE_SCALE = 4  # lines are drawn at 4x and box-filtered down, giving anti-aliased 1-2 px strokes
+
+# (font file in matplotlib's mpl-data/fonts/ttf, sampling weight); the real family is mostly sans.
+FONTS: tuple[tuple[str, float], ...] = (
+    ("DejaVuSans.ttf", 4.0),
+    ("DejaVuSans-Bold.ttf", 4.0),
+    ("DejaVuSans-Oblique.ttf", 2.0),
+    ("DejaVuSans-BoldOblique.ttf", 2.0),
+    ("DejaVuSansMono.ttf", 1.5),
+    ("DejaVuSansMono-Bold.ttf", 1.5),
+    ("DejaVuSansMono-Oblique.ttf", 0.7),
+    ("DejaVuSansMono-BoldOblique.ttf", 0.7),
+    ("DejaVuSerif.ttf", 1.0),
+    ("DejaVuSerif-Bold.ttf", 1.0),
+    ("DejaVuSerif-Italic.ttf", 0.7),
+    ("DejaVuSerif-BoldItalic.ttf", 0.7),
+    ("STIXGeneral.ttf", 0.7),
+    ("STIXGeneralBol.ttf", 0.7),
+    ("STIXGeneralItalic.ttf", 0.7),
+    ("STIXGeneralBolIta.ttf", 0.7),
+    ("cmss10.ttf", 1.5),
+    ("cmr10.ttf", 0.7),
+    ("cmb10.ttf", 0.7),
+    ("cmti10.ttf", 0.7),
+    ("cmtt10.ttf", 0.7),
+)
+
+
+def font_dir() -> Path:
+    """matplotlib's bundled TrueType folder, located without importing matplotlib."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("matplotlib is not installed; it ships the fonts used for synthetic CAPTCHAs")
+    return Path(next(iter(spec.submodule_search_locations))) / "mpl-data" / "fonts" / "ttf"
+
+
+@lru_cache(maxsize=512)
+def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(font_dir() / name), size)
+
+
+@lru_cache(maxsize=64)
+def _cap_ratio(name: str) -> float:
+    """Height of a capital letter per pixel of font size, to size fonts by glyph height."""
+    x1, y1, x2, y2 = _font(name, 100).getbbox("H")
+    return (y2 - y1) / 100.0
+
+
+@dataclass(frozen=True)
+class _Style:
+    """What all glyphs of one image share."""
+
+    font: str
+    size: int  # font size in px
+    case: str  # "lower" | "upper" | "mixed"
+    x_scale: float  # horizontal scaling: < 1 condensed, > 1 wide
+    stroke: str  # "solid" | "bold" | "thin" | "outline" | "hatch"
+    rotation: str  # "upright" | "lean" | "random" | "wild"
+    lean: float  # common angle (degrees) of the "lean" regime
+    tight: bool  # glyphs nearly touching instead of widely spaced
+
+
+def _sample_style(rng: random.Random) -> _Style:
+    names, weights = zip(*FONTS)
+    font = rng.choices(names, weights)[0]
+    glyph_height = rng.triangular(11.0, 44.0, 24.0)  # cap height in px
+    size = max(8, round(glyph_height / _cap_ratio(font)))
+    case = rng.choices(("lower", "upper", "mixed"), (0.45, 0.45, 0.10))[0]
+    kind = rng.random()
+    x_scale = rng.uniform(0.9, 1.1) if kind < 0.65 else rng.uniform(0.5, 0.85) if kind < 0.9 else rng.uniform(1.1, 1.4)
+    stroke = rng.choices(("solid", "bold", "thin", "outline", "hatch"), (0.5, 0.15, 0.12, 0.08, 0.15))[0]
+    if stroke in ("thin", "outline") and glyph_height < 22:
+        stroke = "solid"
+    rotation = rng.choices(("upright", "lean", "random", "wild"), (0.45, 0.2, 0.25, 0.1))[0]
+    return _Style(font, size, case, x_scale, stroke, rotation, rng.uniform(-30.0, 30.0), rng.random() < 0.15)
+
+
+def _angle(style: _Style, rng: random.Random) -> float:
+    if style.rotation == "upright":
+        return rng.uniform(-4.0, 4.0)
+    if style.rotation == "lean":
+        return style.lean + rng.uniform(-5.0, 5.0)
+    if style.rotation == "random":
+        return rng.uniform(-35.0, 35.0)
+    return rng.uniform(-90.0, 90.0)
+
+
+def _hatch(shape: tuple[int, int], rng: random.Random) -> np.ndarray:
+    """0/1 stripes at a random angle and period, to cut a glyph into crayon-like strokes."""
+    theta = rng.uniform(0.0, math.pi)
+    period = rng.uniform(2.5, 4.5)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    phase = (xx * math.cos(theta) + yy * math.sin(theta) + rng.uniform(0, period)) % period
+    return (phase < period * rng.uniform(0.45, 0.7)).astype(np.float32)
+
+
+def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
+    """uint8 alpha mask of one glyph, tightly cropped: scaled, stroked and rotated; values < _ALPHA_FLOOR are 0."""
+    font = _font(style.font, max(8, round(style.size * rng.uniform(0.92, 1.08))))
+    width = max(1, round(style.size / 14)) if style.stroke in ("bold", "outline") else 0
+    x1, y1, x2, y2 = font.getbbox(ch, stroke_width=width)
+    pad = 2 + width
+    img = Image.new("L", (x2 - x1 + 2 * pad, y2 - y1 + 2 * pad), 0)
+    fill = 0 if style.stroke == "outline" else 255
+    ImageDraw.Draw(img).text((pad - x1, pad - y1), ch, font=font, fill=fill, stroke_width=width, stroke_fill=255)
+    if style.stroke == "thin":
+        img = img.filter(ImageFilter.MinFilter(3))
+    if style.stroke == "hatch":
+        arr = np.asarray(img, dtype=np.float32) * _hatch((img.height, img.width), rng)
+        img = Image.fromarray(arr.astype(np.uint8))
+    scale = style.x_scale * rng.uniform(0.95, 1.05)
+    img = img.resize((max(1, round(img.width * scale)), img.height), Image.Resampling.BILINEAR)
+    img = img.rotate(_angle(style, rng), resample=Image.Resampling.BICUBIC, expand=True)
+    mask = np.asarray(img, dtype=np.uint8).copy()
+    mask[mask < _ALPHA_FLOOR] = 0
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if rows.size == 0:  # a stroke effect erased the glyph: fall back to the plain shape
+        return _glyph_mask(ch, replace(style, stroke="solid"), rng)
+    mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    if mask.shape[0] > HEIGHT - 4:  # a tall glyph turned upright: shrink to fit the 80 px height
+        f = (HEIGHT - 4) / mask.shape[0]
+        small = Image.fromarray(mask).resize((max(1, round(mask.shape[1] * f)), HEIGHT - 4), Image.Resampling.BILINEAR)
+        mask = np.asarray(small, dtype=np.uint8).copy()
+        mask[mask < _ALPHA_FLOOR] = 0
+    return mask
+
+
+def _colour(rng: random.Random) -> np.ndarray:
+    """A flat glyph colour anywhere from pale to dark, never (almost) white."""
+    while True:
+        rgb = [rng.randrange(256) for _ in range(3)]
+        if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 225:
+            return np.array(rgb, dtype=np.float32)
+
+
+def _layout(widths: list[int], style: _Style, rng: random.Random) -> tuple[int, list[float]]:
+    """Image width and each glyph's left x: wide margins, wide or tight spacing, width a multiple of 5."""
+    n = len(widths)
+    if style.tight:
+        gaps = [rng.uniform(-2.0, 5.0) for _ in range(n - 1)]
+    else:
+        base = rng.uniform(4.0, 48.0)
+        gaps = [max(1.0, base + rng.uniform(-0.25, 0.25) * base) for _ in range(n - 1)]
+    left, right = rng.uniform(35.0, 170.0), rng.uniform(30.0, 210.0)
+    span = sum(widths) + sum(gaps)
+    room = MAX_WIDTH - 8 - sum(widths)
+    if sum(gaps) > room:  # too long for the widest image: close the gaps
+        gaps = [g * room / sum(gaps) if g > 0 else g for g in gaps]
+        span = sum(widths) + sum(gaps)
+    total = left + span + right
+    if total > MAX_WIDTH:
+        shrink = (MAX_WIDTH - span) / (left + right)
+        left, right = left * shrink, right * shrink
+    width = min(MAX_WIDTH, max(MIN_WIDTH, 5 * math.ceil((left + span + right) / 5)))
+    left = max(2.0, min(left, width - span - 2)) if width - span > 4 else (width - span) / 2
+    xs, x = [], left
+    for i, w in enumerate(widths):
+        xs.append(x)
+        x += w + (gaps[i] if i < n - 1 else 0)
+    return width, xs
+
+
+def _lines(width: int, rng: random.Random) -> np.ndarray:
+    """Anti-aliased alpha (float32 [H, W], 0..1) of thin dark lines: mostly long shallow ones, a few short ones."""
+    count = rng.choices(range(9), (0.15, 0.15, 0.2, 0.17, 0.12, 0.08, 0.06, 0.04, 0.03))[0]
+    s = _LINE_SCALE
+    canvas = Image.new("L", (width * s, HEIGHT * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(count):
+        if rng.random() < 0.75:
+            length = rng.uniform(0.25, 0.95) * width
+            x0 = rng.uniform(-0.1 * width, width - 0.5 * length)
+            y0, y1 = rng.uniform(0, HEIGHT), rng.uniform(0, HEIGHT)
+            x1 = x0 + length
+        else:
+            length, theta = rng.uniform(8.0, 70.0), rng.uniform(0.0, math.pi)
+            x0, y0 = rng.uniform(0, width), rng.uniform(0, HEIGHT)
+            x1, y1 = x0 + length * math.cos(theta), y0 + length * math.sin(theta)
+        thickness = s if rng.random() < 0.85 else 2 * s
+        draw.line([(x0 * s, y0 * s), (x1 * s, y1 * s)], fill=255, width=thickness)
+    small = canvas.resize((width, HEIGHT), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def render_captcha(text: str, rng: random.Random) -> tuple[Image.Image, list[tuple[float, float, float, float]]]:
+    """Render ``text`` (0-9a-z, any case) as one CAPTCHA.
+
+    Returns an RGB image 80 px high and 150-780 px wide, and one box per character in order: ``(x1, y1, x2, y2)``
+    in pixels (edges: a glyph covering columns 10..19 has x1=10, x2=20), the bounding box of that glyph's own
+    painted pixels. Raises ValueError for characters outside 0-9a-z.
+    """
+    encode(text)  # validates
+    text = text.lower()
+    style = _sample_style(rng)
+    masks = []
+    for ch in text:
+        upper = style.case == "upper" or (style.case == "mixed" and rng.random() < 0.5)
+        masks.append(_glyph_mask(ch.upper() if upper else ch, style, rng))
+    width, xs = _layout([m.shape[1] for m in masks], style, rng)
+    centre = rng.uniform(34.0, 48.0)
+    canvas = np.full((HEIGHT, width, 3), 255.0, dtype=np.float32)
+    boxes = []
+    for mask, x in zip(masks, xs):
+        h, w = mask.shape
+        top = round(centre + rng.gauss(0.0, 2.5) - h / 2)
+        top = min(max(top, 1), HEIGHT - 1 - h)
+        left = min(max(round(x + rng.uniform(-2.0, 2.0)), 1), width - 1 - w)
+        alpha = mask.astype(np.float32)[..., None] / 255.0
+        region = canvas[top : top + h, left : left + w]
+        region *= 1.0 - alpha
+        region += alpha * _colour(rng)
+        boxes.append((float(left), float(top), float(left + w), float(top + h)))
+    canvas *= 1.0 - _lines(width, rng)[..., None]
+    return Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB"), boxes
+
+
+def _item_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"captcha-synth:{seed}:{index}".encode()).digest()[:8], "big")
+
+
+def _write_one(args: tuple[Path, int, int]) -> int:
+    """Render and write image ``index`` of ``seed`` into ``out_dir``/images and /labels."""
+    out_dir, seed, index = args
+    rng = random.Random(_item_seed(seed, index))
+    text = "".join(rng.choice(CHARS) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH)))
+    img, boxes = render_captcha(text, rng)
+    stem = f"{text}-{index}"
+    write_yolo_labels(out_dir / "labels" / f"{stem}.txt", boxes, img.width, img.height, encode(text))
+    img.save(out_dir / "images" / f"{stem}.png", compress_level=6)
+    return index
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def generate(
+    out_dir: str | os.PathLike, count: int, seed: int = 0, workers: int | None = None, progress: bool = True
+) -> int:
+    """Write ``count`` CAPTCHAs to ``out_dir/images/<text>-<index>.png`` with YOLO boxes in ``out_dir/labels``.
+
+    Image ``index`` depends only on ``(seed, index)``. ``workers`` processes render in parallel (default: the
+    usable CPU cores; 1 renders in this process). Returns the number of images written.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers or _default_workers(), max(count, 1)))
+    jobs = ((out, seed, i) for i in range(count))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("synth", total=count)
+        if workers == 1:
+            for job in jobs:
+                _write_one(job)
+                bar.advance(task)
+        else:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            with context.Pool(workers) as pool:
+                for _ in pool.imap_unordered(_write_one, jobs, chunksize=16):
+                    bar.advance(task)
+    return count
