@@ -1,0 +1,91 @@
+"""Evaluation: edit distance, alignment, accuracy over a folder, and the ``captcha-queue eval --json`` command."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from core.evaluate import GAP, align, character_accuracy, edit_distance, evaluate, score
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("", "", 0),
+        ("abc", "", 3),
+        ("", "abcd", 4),
+        ("abc", "abc", 0),
+        ("kitten", "sitting", 3),
+        ("flaw", "lawn", 2),
+        ("03yl9s", "03y19s", 1),
+        ("abcd", "bcda", 2),
+    ],
+)
+def test_edit_distance(a: str, b: str, expected: int) -> None:
+    assert edit_distance(a, b) == expected
+    assert edit_distance(b, a) == expected
+
+
+def test_character_accuracy_is_clipped_and_case_insensitive() -> None:
+    assert character_accuracy("ABC", "abc") == 1.0
+    assert character_accuracy("abx", "abc") == pytest.approx(2 / 3)
+    assert character_accuracy("", "abcd") == 0.0
+    assert character_accuracy("abcdefghij", "ab") == 0.0  # 8 edits for 2 characters: clipped at 0
+    assert character_accuracy("", "") == 1.0
+
+
+def test_align_marks_substitutions_and_gaps() -> None:
+    assert align("abc", "abc") == [("a", "a"), ("b", "b"), ("c", "c")]
+    assert align("abc", "axc") == [("a", "a"), ("b", "x"), ("c", "c")]
+    assert align("abcd", "acd") == [("a", "a"), ("b", GAP), ("c", "c"), ("d", "d")]
+    assert align("ab", "abz") == [("a", "a"), ("b", "b"), (GAP, "z")]
+
+
+def test_score_skips_images_without_truth() -> None:
+    s = score(["abc", "xyz", "abd", "zzz"], ["abc", None, "abc", "q"])
+    assert s.scored == 3
+    assert s.sequence_accuracy == pytest.approx(1 / 3)
+    assert s.character_accuracy == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
+    assert s.confusions == Counter({("c", "d"): 1, ("q", "z"): 1, (GAP, "z"): 2})
+
+
+def test_score_of_nothing_is_zero() -> None:
+    s = score([], [])
+    assert (s.scored, s.sequence_accuracy, s.character_accuracy) == (0, 0.0, 0.0)
+
+
+class _Canned:
+    """A detector double that answers a fixed text per image size."""
+
+    def __init__(self, answers: dict[tuple[int, int], str]) -> None:
+        self.answers = answers
+
+    def predict(self, images, batch_size: int = 32):
+        from core.detector import Prediction
+
+        return [Prediction(text=self.answers[img.size], chars=(), score=0.0) for img in images]
+
+
+def test_evaluate_scores_names_and_reports_unreadable(tmp_path: Path) -> None:
+    from PIL import Image
+
+    # the canned answers are keyed by image size: each file gets its own size
+    files = {"abcd-0.png": ((40, 20), "abcd"), "abcd-1.png": ((41, 20), "abcx"), "noname.png": ((42, 20), "zz")}
+    for name, (size, _) in files.items():
+        Image.new("RGB", size, "white").save(tmp_path / name)
+    (tmp_path / "broken-0.png").write_bytes(b"not an image")
+    detector = _Canned({size: answer for size, answer in files.values()})
+    seen: list[tuple[int, int]] = []
+    report = evaluate(detector, tmp_path, batch_size=2, on_progress=lambda d, t: seen.append((d, t)))  # type: ignore[arg-type]
+    assert report.images == 3  # the unreadable file is not decoded
+    assert report.scored == 2  # "noname.png" has no text in its name
+    assert report.sequence_accuracy == 0.5
+    assert report.character_accuracy == pytest.approx((1.0 + 0.75) / 2)
+    assert list(report.unreadable) == [str(tmp_path / "broken-0.png")]
+    assert report.mistakes == [(str(tmp_path / "abcd-1.png"), "abcd", "abcx")]
+    assert report.confusions == Counter({("d", "x"): 1})
+    assert seen[-1] == (4, 4)
+    d = report.as_dict()
+    assert d["top_confusions"] == [["d", "x", 1]] and d["unreadable"] == 1
