@@ -1,0 +1,74 @@
+"""From classified boxes to per-image detections and text.
+
+Each classified box takes its arg-max class (over the 36 characters and background); background and boxes scoring
+below ``score_thresh`` are dropped, duplicates of one class are removed by class-aware NMS, optionally boxes of
+different classes covering the same glyph are removed too, and each image's detections are sorted by box centre x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from core.charset import CHARS, NUM_CLASSES
+
+
+def rank_in_group(group: Tensor) -> Tensor:
+    """Position of each element among the elements of its group, in the current order. group: ``[K]`` int64."""
+    if group.numel() == 0:
+        return group.clone()
+    order = torch.argsort(group, stable=True)
+    sorted_group = group[order]
+    counts = torch.bincount(sorted_group)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(group.numel(), device=group.device) - start[sorted_group]
+    return rank
+
+
+def select_detections(
+    class_logits: Tensor,
+    boxes: Tensor,
+    batch_index: Tensor,
+    num_images: int,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    cross_class_nms_thresh: float | None = None,
+    num_classes: int = NUM_CLASSES,
+) -> list[dict[str, Tensor]]:
+    """Turn classified boxes into the detector's eval output.
+
+    class_logits: ``[R, num_classes + 1]`` (last = background); boxes: ``[R, 4]`` x1, y1, x2, y2 (original pixels);
+    batch_index: ``[R]`` int64 image of each box. Returns ``num_images`` dicts ``{"boxes": [K, 4],
+    "labels": [K] int64 in 0..num_classes-1, "scores": [K]}`` sorted by box centre x.
+    """
+    probs = torch.softmax(class_logits.float(), dim=1)
+    scores, labels = probs.max(dim=1)
+    keep = (labels != num_classes) & (scores >= score_thresh)
+    boxes, scores, labels, batch_index = boxes[keep], scores[keep], labels[keep], batch_index[keep]
+    keep = batched_nms(boxes, scores, batch_index * (num_classes + 1) + labels, nms_thresh)
+    if cross_class_nms_thresh is not None:
+        keep = keep[batched_nms(boxes[keep], scores[keep], batch_index[keep], cross_class_nms_thresh)]
+    # keep is sorted by score: the first detections_per_img of each image survive
+    keep = keep[rank_in_group(batch_index[keep]) < detections_per_img]
+    boxes, scores, labels, batch_index = boxes[keep], scores[keep], labels[keep], batch_index[keep]
+    order = torch.argsort((boxes[:, 0] + boxes[:, 2]) * 0.5, stable=True)
+    order = order[torch.argsort(batch_index[order], stable=True)]
+    counts = torch.bincount(batch_index, minlength=num_images).tolist()
+    return [
+        {"boxes": b, "labels": lab, "scores": s}
+        for b, lab, s in zip(boxes[order].split(counts), labels[order].split(counts), scores[order].split(counts))
+    ]
+
+
+def text_from_detections(det: Mapping[str, Tensor]) -> str:
+    """The string read from one image's detections: labels ordered by box centre x (background skipped)."""
+    labels = det["labels"]
+    boxes = det.get("boxes")
+    if boxes is not None and len(boxes) == len(labels) and len(labels) > 1:
+        labels = labels[torch.argsort((boxes[:, 0] + boxes[:, 2]) * 0.5, stable=True)]
+    return "".join(CHARS[i] for i in labels.tolist() if 0 <= i < NUM_CLASSES)
