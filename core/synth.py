@@ -35,7 +35,6 @@ HEIGHT = 80
 MIN_WIDTH, MAX_WIDTH = 150, 780
 MIN_LENGTH, MAX_LENGTH = 4, 8
 _ALPHA_FLOOR = 40  # mask values below this are dropped, so every painted pixel lies inside its glyph's box
-_LINE_SCALE = 4  # lines are drawn at 4x and box-filtered down, giving anti-aliased 1-2 px strokes
 
 # (font file in matplotlib's mpl-data/fonts/ttf, sampling weight); the real family is mostly sans.
 FONTS: tuple[tuple[str, float], ...] = (
@@ -63,6 +62,7 @@ FONTS: tuple[tuple[str, float], ...] = (
 )
 
 
+@lru_cache(maxsize=1)
 def font_dir() -> Path:
     """matplotlib's bundled TrueType folder, located without importing matplotlib."""
     spec = importlib.util.find_spec("matplotlib")
@@ -91,6 +91,8 @@ class _Style:
     size: int  # font size in px
     case: str  # "lower" | "upper" | "mixed"
     x_scale: float  # horizontal scaling: < 1 condensed, > 1 wide
+    shear: float  # italic slant: x shift per px of height (positive leans right)
+    warp: float  # amplitude (px) of the smooth random distortion that makes glyphs look hand drawn
     stroke: str  # "solid" | "bold" | "thin" | "outline" | "hatch"
     rotation: str  # "upright" | "lean" | "random" | "wild"
     lean: float  # common angle (degrees) of the "lean" regime
@@ -100,16 +102,19 @@ class _Style:
 def _sample_style(rng: random.Random) -> _Style:
     names, weights = zip(*FONTS)
     font = rng.choices(names, weights)[0]
-    glyph_height = rng.triangular(11.0, 44.0, 24.0)  # cap height in px
+    glyph_height = rng.triangular(10.0, 42.0, 21.0)  # cap height in px
     size = max(8, round(glyph_height / _cap_ratio(font)))
     case = rng.choices(("lower", "upper", "mixed"), (0.45, 0.45, 0.10))[0]
     kind = rng.random()
     x_scale = rng.uniform(0.9, 1.1) if kind < 0.65 else rng.uniform(0.5, 0.85) if kind < 0.9 else rng.uniform(1.1, 1.4)
+    shear = rng.uniform(-0.45, 0.45) if rng.random() < 0.3 else 0.0
+    warp = glyph_height * rng.uniform(0.03, 0.09) if rng.random() < 0.5 else 0.0
     stroke = rng.choices(("solid", "bold", "thin", "outline", "hatch"), (0.5, 0.15, 0.12, 0.08, 0.15))[0]
-    if stroke in ("thin", "outline") and glyph_height < 22:
+    if stroke in ("thin", "outline", "hatch") and glyph_height < 20:
         stroke = "solid"
     rotation = rng.choices(("upright", "lean", "random", "wild"), (0.45, 0.2, 0.25, 0.1))[0]
-    return _Style(font, size, case, x_scale, stroke, rotation, rng.uniform(-30.0, 30.0), rng.random() < 0.15)
+    lean = rng.uniform(-30.0, 30.0)
+    return _Style(font, size, case, x_scale, shear, warp, stroke, rotation, lean, rng.random() < 0.15)
 
 
 def _angle(style: _Style, rng: random.Random) -> float:
@@ -128,15 +133,41 @@ def _hatch(shape: tuple[int, int], rng: random.Random) -> np.ndarray:
     period = rng.uniform(2.5, 4.5)
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     phase = (xx * math.cos(theta) + yy * math.sin(theta) + rng.uniform(0, period)) % period
-    return (phase < period * rng.uniform(0.45, 0.7)).astype(np.float32)
+    return (phase < period * rng.uniform(0.55, 0.75)).astype(np.float32)
+
+
+def _shear(img: Image.Image, shear: float) -> Image.Image:
+    """Slant ``img`` horizontally (x += shear * (height - y)), widening it to keep every pixel."""
+    w, h = img.size
+    offset = shear * h if shear > 0 else 0.0
+    data = (1.0, shear, -offset, 0.0, 1.0, 0.0)
+    return img.transform((w + math.ceil(abs(shear) * h), h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
+
+
+def _warp(img: Image.Image, amount: float, rng: random.Random) -> Image.Image:
+    """Smooth random distortion: a 3x3 mesh whose source corners move by up to ``amount`` px."""
+    w, h = img.size
+    xs = [round(w * i / 3) for i in range(4)]
+    ys = [round(h * j / 3) for j in range(4)]
+    moved = {(i, j): (xs[i] + rng.uniform(-amount, amount), ys[j] + rng.uniform(-amount, amount))
+             for i in range(4) for j in range(4)}
+    mesh = [
+        ((xs[i], ys[j], xs[i + 1], ys[j + 1]), (*moved[i, j], *moved[i, j + 1], *moved[i + 1, j + 1], *moved[i + 1, j]))
+        for i in range(3)
+        for j in range(3)
+    ]
+    return img.transform((w, h), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR)
 
 
 def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
-    """uint8 alpha mask of one glyph, tightly cropped: scaled, stroked and rotated; values < _ALPHA_FLOOR are 0."""
+    """uint8 alpha mask of one glyph, tightly cropped: stroked, scaled, slanted, distorted and rotated.
+
+    Values below ``_ALPHA_FLOOR`` are zeroed, so the crop is exactly the glyph's painted pixels.
+    """
     font = _font(style.font, max(8, round(style.size * rng.uniform(0.92, 1.08))))
     width = max(1, round(style.size / 14)) if style.stroke in ("bold", "outline") else 0
     x1, y1, x2, y2 = font.getbbox(ch, stroke_width=width)
-    pad = 2 + width
+    pad = 2 + width + math.ceil(style.warp)
     img = Image.new("L", (x2 - x1 + 2 * pad, y2 - y1 + 2 * pad), 0)
     fill = 0 if style.stroke == "outline" else 255
     ImageDraw.Draw(img).text((pad - x1, pad - y1), ch, font=font, fill=fill, stroke_width=width, stroke_fill=255)
@@ -147,6 +178,10 @@ def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
         img = Image.fromarray(arr.astype(np.uint8))
     scale = style.x_scale * rng.uniform(0.95, 1.05)
     img = img.resize((max(1, round(img.width * scale)), img.height), Image.Resampling.BILINEAR)
+    if style.shear:
+        img = _shear(img, style.shear)
+    if style.warp:
+        img = _warp(img, style.warp, rng)
     img = img.rotate(_angle(style, rng), resample=Image.Resampling.BICUBIC, expand=True)
     mask = np.asarray(img, dtype=np.uint8).copy()
     mask[mask < _ALPHA_FLOOR] = 0
@@ -171,41 +206,42 @@ def _colour(rng: random.Random) -> np.ndarray:
 
 
 def _layout(widths: list[int], style: _Style, rng: random.Random) -> tuple[int, list[float]]:
-    """Image width and each glyph's left x: wide margins, wide or tight spacing, width a multiple of 5."""
-    n = len(widths)
+    """Image width (a multiple of 5) and each glyph's left x.
+
+    As in the real family, the width grows only loosely with the length: a target width is drawn first, then the
+    spacing that leaves 45-90% of the free room as margins, kept within 3-55 px between glyphs (or nearly touching when
+    tight).
+    """
+    n, glyphs = len(widths), sum(widths)
     if style.tight:
-        gaps = [rng.uniform(-2.0, 5.0) for _ in range(n - 1)]
+        gaps = [rng.uniform(0.0, 6.0) for _ in range(n - 1)]
+        margins = rng.uniform(50.0, 300.0)
     else:
-        base = rng.uniform(4.0, 48.0)
-        gaps = [max(1.0, base + rng.uniform(-0.25, 0.25) * base) for _ in range(n - 1)]
-    left, right = rng.uniform(35.0, 170.0), rng.uniform(30.0, 210.0)
-    span = sum(widths) + sum(gaps)
-    room = MAX_WIDTH - 8 - sum(widths)
+        free = rng.gauss(420.0 + 18.0 * (n - MIN_LENGTH), 165.0) - glyphs
+        margins = min(max(free * rng.uniform(0.45, 0.9), 50.0), 420.0)
+        gap = min(max((free - margins) / max(n - 1, 1), 3.0), 55.0)
+        gaps = [max(1.0, gap * rng.uniform(0.75, 1.25)) for _ in range(n - 1)]
+    room = MAX_WIDTH - 8 - glyphs
     if sum(gaps) > room:  # too long for the widest image: close the gaps
         gaps = [g * room / sum(gaps) if g > 0 else g for g in gaps]
-        span = sum(widths) + sum(gaps)
-    total = left + span + right
-    if total > MAX_WIDTH:
-        shrink = (MAX_WIDTH - span) / (left + right)
-        left, right = left * shrink, right * shrink
-    width = min(MAX_WIDTH, max(MIN_WIDTH, 5 * math.ceil((left + span + right) / 5)))
-    left = max(2.0, min(left, width - span - 2)) if width - span > 4 else (width - span) / 2
-    xs, x = [], left
+    span = glyphs + sum(gaps)
+    width = min(MAX_WIDTH, max(MIN_WIDTH, 5 * math.ceil((span + margins) / 5)))
+    x = (width - span) * rng.uniform(0.3, 0.62)
+    xs = []
     for i, w in enumerate(widths):
         xs.append(x)
-        x += w + (gaps[i] if i < n - 1 else 0)
+        x += w + (gaps[i] if i < n - 1 else 0.0)
     return width, xs
 
 
-def _lines(width: int, rng: random.Random) -> np.ndarray:
-    """Anti-aliased alpha (float32 [H, W], 0..1) of thin dark lines: mostly long shallow ones, a few short ones."""
-    count = rng.choices(range(9), (0.15, 0.15, 0.2, 0.17, 0.12, 0.08, 0.06, 0.04, 0.03))[0]
-    s = _LINE_SCALE
-    canvas = Image.new("L", (width * s, HEIGHT * s), 0)
-    draw = ImageDraw.Draw(canvas)
+def _draw_lines(img: Image.Image, rng: random.Random) -> None:
+    """Thin black 1 px lines (aliased, as in the real family): mostly long shallow ones, a few short ones."""
+    width = img.width
+    count = rng.choices(range(9), (0.12, 0.2, 0.22, 0.16, 0.11, 0.08, 0.05, 0.03, 0.03))[0]
+    draw = ImageDraw.Draw(img)
     for _ in range(count):
-        if rng.random() < 0.75:
-            length = rng.uniform(0.25, 0.95) * width
+        if rng.random() < 0.7:
+            length = rng.uniform(0.2, 0.95) * width
             x0 = rng.uniform(-0.1 * width, width - 0.5 * length)
             y0, y1 = rng.uniform(0, HEIGHT), rng.uniform(0, HEIGHT)
             x1 = x0 + length
@@ -213,10 +249,7 @@ def _lines(width: int, rng: random.Random) -> np.ndarray:
             length, theta = rng.uniform(8.0, 70.0), rng.uniform(0.0, math.pi)
             x0, y0 = rng.uniform(0, width), rng.uniform(0, HEIGHT)
             x1, y1 = x0 + length * math.cos(theta), y0 + length * math.sin(theta)
-        thickness = s if rng.random() < 0.85 else 2 * s
-        draw.line([(x0 * s, y0 * s), (x1 * s, y1 * s)], fill=255, width=thickness)
-    small = canvas.resize((width, HEIGHT), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
+        draw.line([(round(x0), round(y0)), (round(x1), round(y1))], fill=(0, 0, 0), width=1)
 
 
 def render_captcha(text: str, rng: random.Random) -> tuple[Image.Image, list[tuple[float, float, float, float]]]:
@@ -234,7 +267,7 @@ def render_captcha(text: str, rng: random.Random) -> tuple[Image.Image, list[tup
         upper = style.case == "upper" or (style.case == "mixed" and rng.random() < 0.5)
         masks.append(_glyph_mask(ch.upper() if upper else ch, style, rng))
     width, xs = _layout([m.shape[1] for m in masks], style, rng)
-    centre = rng.uniform(34.0, 48.0)
+    centre = rng.uniform(37.0, 50.0)
     canvas = np.full((HEIGHT, width, 3), 255.0, dtype=np.float32)
     boxes = []
     for mask, x in zip(masks, xs):
@@ -247,8 +280,9 @@ def render_captcha(text: str, rng: random.Random) -> tuple[Image.Image, list[tup
         region *= 1.0 - alpha
         region += alpha * _colour(rng)
         boxes.append((float(left), float(top), float(left + w), float(top + h)))
-    canvas *= 1.0 - _lines(width, rng)[..., None]
-    return Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB"), boxes
+    img = Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")
+    _draw_lines(img, rng)
+    return img, boxes
 
 
 def _item_seed(seed: int, index: int) -> int:
@@ -263,7 +297,7 @@ def _write_one(args: tuple[Path, int, int]) -> int:
     img, boxes = render_captcha(text, rng)
     stem = f"{text}-{index}"
     write_yolo_labels(out_dir / "labels" / f"{stem}.txt", boxes, img.width, img.height, encode(text))
-    img.save(out_dir / "images" / f"{stem}.png", compress_level=6)
+    img.save(out_dir / "images" / f"{stem}.png", compress_level=3)
     return index
 
 
