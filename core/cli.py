@@ -7,6 +7,7 @@ inside the command bodies so that ``captcha-queue --help`` and the producer star
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,255 @@ def synth(
 # --------------------------------------------------------------------------------------------------------------
 # queue: database, producer, worker, queries
 # --------------------------------------------------------------------------------------------------------------
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class ImageStatus(str, Enum):
+    pending = "pending"
+    done = "done"
+    failed = "failed"
+
+
+RESULT_FIELDS = (
+    "job", "image_id", "path", "status", "text", "score", "error", "model_version", "width", "height",
+    "load_ms", "infer_ms", "finished_at", "chars",
+)  # fmt: skip
+DATABASE_URL_HELP = "Database URL (default: CAPTCHA_DATABASE_URL)."
+
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _open_database(database_url: Optional[str]):
+    """A session on a migrated database, or a readable error (never creates a SQLite file)."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from core.config import mask_url
+    from db.session import database_url as resolve_url, make_engine, session_factory
+
+    url = resolve_url(database_url)
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise _fail(f"not a database URL: {mask_url(url)}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        raise _fail(f"no database at {mask_url(url)}; run `captcha-queue db upgrade` or enqueue a folder first")
+    try:
+        if not sa.inspect(make_engine(url)).has_table("images"):
+            raise _fail(f"{mask_url(url)} has no captcha-queue schema; run `captcha-queue db upgrade`")
+    except sa.exc.OperationalError as exc:
+        raise _fail(f"cannot open {mask_url(url)}: {exc.orig}") from None
+    return session_factory(url)(), url
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP)) -> None:
+    """Create or migrate the database schema to the latest version."""
+    import sqlalchemy as sa
+
+    from core.config import mask_url
+    from db.session import database_url as resolve_url, upgrade
+
+    url = resolve_url(database_url)
+    try:
+        upgrade(url)
+    except (sa.exc.OperationalError, sa.exc.ArgumentError) as exc:
+        raise _fail(f"cannot migrate {mask_url(url)}: {getattr(exc, 'orig', None) or exc}") from None
+    typer.echo(f"{mask_url(url)}: schema up to date")
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+@app.command()
+def status(
+    job: Optional[int] = typer.Argument(None, help="Job id (default: totals over all jobs and the latest jobs)."),
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+    queue: str = typer.Option("decode", help="Broker queue whose depth is shown."),
+    jobs: int = typer.Option(10, min=0, help="Latest jobs listed when no JOB is given."),
+) -> None:
+    """Progress: images total, done, failed, pending, throughput, ETA, and the broker queue depth."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.config import get_settings, mask_url
+    from db.models import Job
+    from db.queries import job_status, list_jobs, queue_depth
+
+    session, url = _open_database(database_url)
+    with session:
+        if job is not None and session.get(Job, job) is None:
+            raise _fail(f"no job {job} in {mask_url(url)}")
+        counts = job_status(session, job)
+        recent = list_jobs(session, jobs) if job is None else []
+    broker = get_settings().broker_url
+    depth = queue_depth(broker, queue)
+
+    console = Console()
+    summary = Table(show_header=False, box=None, title=f"job {job}" if job is not None else "all jobs")
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    rate = counts["images_per_s"]
+    for name, value in (
+        ("total", counts["total"]), ("done", counts["done"]), ("failed", counts["failed"]),
+        ("pending", counts["pending"]), ("throughput", f"{rate:.1f} images/s" if rate else "-"),
+        ("ETA", _duration(counts["eta_s"])),
+        (f"queue '{queue}'", "unavailable" if depth is None else f"{depth} messages"),
+    ):  # fmt: skip
+        summary.add_row(name, str(value))
+    console.print(f"database {mask_url(url)}, broker {mask_url(broker)}")
+    console.print(summary)
+    if recent:
+        table = Table("job", "name", "created", "total", "done", "failed", "pending", title="latest jobs")
+        for row in recent:
+            table.add_row(
+                str(row["id"]), row["name"] or "", f"{row['created_at']:%Y-%m-%d %H:%M:%S}", str(row["total"]),
+                str(row["done"]), str(row["failed"]), str(row["pending"]),
+            )  # fmt: skip
+        console.print(table)
+
+
+@app.command()
+def results(
+    job: Optional[str] = typer.Option(None, "--job", help="Job id or name."),
+    status: Optional[ImageStatus] = typer.Option(None, "--status", help="Image status."),
+    text: Optional[str] = typer.Option(None, "--text", help="Decoded text: exact, glob (a*7?) or LIKE (a%)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Minimum mean character score."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="Output format."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many rows."),
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+) -> None:
+    """Decoded results with their character boxes, as a table, CSV (characters as a JSON column), JSON or JSONL."""
+    import csv
+    import json
+    import sys
+
+    from db.queries import iter_results
+
+    session, _ = _open_database(database_url)
+    with session:
+        rows = iter_results(
+            session, job=job, status=status.value if status else None, text=text, min_score=min_score, limit=limit
+        )
+        if output_format is OutputFormat.jsonl:
+            for row in rows:
+                sys.stdout.write(json.dumps(row) + "\n")
+        elif output_format is OutputFormat.json:
+            sys.stdout.write("[")
+            for n, row in enumerate(rows):
+                sys.stdout.write(("," if n else "") + "\n" + json.dumps(row))
+            sys.stdout.write("\n]\n")
+        elif output_format is OutputFormat.csv:
+            writer = csv.DictWriter(sys.stdout, fieldnames=RESULT_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**{k: row[k] for k in RESULT_FIELDS}, "chars": json.dumps(row["chars"])})
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table("job", "path", "status", "text", "score", "chars", "model", "error")
+            table.columns[1].overflow = "fold"
+            for row in rows:
+                table.add_row(
+                    str(row["job"]), row["path"], row["status"], row["text"] or "",
+                    "" if row["score"] is None else f"{row['score']:.3f}", str(len(row["chars"])),
+                    row["model_version"] or "", row["error"] or "",
+                )  # fmt: skip
+            Console().print(table)
+
+
+def _stored_result(database_url: Optional[str], path: str) -> Optional[dict]:
+    """The latest stored result for ``path``, or None when there is none or no database to ask."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from core.config import mask_url
+    from db.queries import latest_result
+    from db.session import database_url as resolve_url, make_engine, session_factory
+
+    url = resolve_url(database_url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        return None
+    try:
+        if not sa.inspect(make_engine(url)).has_table("images"):
+            return None
+        with session_factory(url)() as session:
+            return latest_result(session, path)
+    except sa.exc.OperationalError as exc:
+        typer.echo(f"warning: cannot read {mask_url(url)} ({exc.orig}); running the model", err=True)
+        return None
+
+
+@app.command()
+def render(
+    image: Optional[Path] = typer.Argument(None, help="Image to draw (or use --job)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: <image stem>.render.png)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Model used when there is no stored result."),
+    run_model: bool = typer.Option(False, "--run-model", help="Decode with the model even if a result is stored."),
+    job: Optional[str] = typer.Option(None, "--job", help="Render the decoded images of this job (id or name)."),
+    out_dir: Path = typer.Option(Path("renders"), "--out-dir", help="Folder for --job pictures."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many --job pictures."),
+    scale: int = typer.Option(2, min=1, max=8, help="Image magnification."),
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+) -> None:
+    """Draw an image with its character boxes, scores and decoded string (green: matches the file name, red: not)."""
+    import os
+
+    from core.checkpoint import CheckpointError
+    from core.images import ImageError
+    from core.render import render_file, render_rows
+
+    if (image is None) == (job is None):
+        raise _fail("give either IMAGE or --job", code=2)
+    if job is not None:
+        from db.queries import query_results
+
+        session, _ = _open_database(database_url)
+        with session:
+            rows = query_results(session, job=job, status="done", limit=limit)
+        written, errors = render_rows(rows, out_dir, scale=scale)
+        for path, reason in errors.items():
+            typer.echo(f"warning: {path}: {reason}", err=True)
+        typer.echo(f"{len(written)} pictures written to {out_dir}")
+        return
+
+    path = os.path.abspath(image)
+    row = None if run_model else _stored_result(database_url, path)
+    source = f"stored result of model {row['model_version']}" if row else None
+    try:
+        if row is None:
+            from core.detector import Detector
+
+            detector = Detector.load(checkpoint, device="cpu")
+            [prediction] = detector.predict([path])
+            row = {
+                "text": prediction.text, "score": prediction.score,
+                "chars": [{"char": c.char, "box": list(c.box), "score": c.score} for c in prediction.chars],
+            }  # fmt: skip
+            source = f"model {detector.version}"
+        written = render_file(path, out or Path(f"{Path(path).stem}.render.png"), row, scale=scale)
+    except (ImageError, CheckpointError, FileNotFoundError) as exc:
+        raise _fail(f"{path}: {exc}") from None
+    typer.echo(f"{written}: '{row['text']}' ({source})")
 
 
 def main() -> None:
