@@ -93,6 +93,7 @@ class _Style:
     x_scale: float  # horizontal scaling: < 1 condensed, > 1 wide
     shear: float  # italic slant: x shift per px of height (positive leans right)
     warp: float  # amplitude (px) of the smooth random distortion that makes glyphs look hand drawn
+    rough: float  # amplitude (px) of the fine distortion that makes outlines ragged
     stroke: str  # "solid" | "bold" | "thin" | "outline" | "hatch"
     rotation: str  # "upright" | "lean" | "random" | "wild"
     lean: float  # common angle (degrees) of the "lean" regime
@@ -109,12 +110,13 @@ def _sample_style(rng: random.Random) -> _Style:
     x_scale = rng.uniform(0.9, 1.1) if kind < 0.65 else rng.uniform(0.5, 0.85) if kind < 0.9 else rng.uniform(1.1, 1.4)
     shear = rng.uniform(-0.45, 0.45) if rng.random() < 0.3 else 0.0
     warp = glyph_height * rng.uniform(0.03, 0.09) if rng.random() < 0.5 else 0.0
-    stroke = rng.choices(("solid", "bold", "thin", "outline", "hatch"), (0.5, 0.15, 0.12, 0.08, 0.15))[0]
+    rough = rng.uniform(0.5, 1.2) if rng.random() < 0.5 else 0.0
+    stroke = rng.choices(("solid", "bold", "thin", "outline", "hatch"), (0.42, 0.25, 0.1, 0.08, 0.15))[0]
     if stroke in ("thin", "outline", "hatch") and glyph_height < 20:
         stroke = "solid"
     rotation = rng.choices(("upright", "lean", "random", "wild"), (0.45, 0.2, 0.25, 0.1))[0]
     lean = rng.uniform(-30.0, 30.0)
-    return _Style(font, size, case, x_scale, shear, warp, stroke, rotation, lean, rng.random() < 0.15)
+    return _Style(font, size, case, x_scale, shear, warp, rough, stroke, rotation, lean, rng.random() < 0.15)
 
 
 def _angle(style: _Style, rng: random.Random) -> float:
@@ -144,17 +146,24 @@ def _shear(img: Image.Image, shear: float) -> Image.Image:
     return img.transform((w + math.ceil(abs(shear) * h), h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
 
 
-def _warp(img: Image.Image, amount: float, rng: random.Random) -> Image.Image:
-    """Smooth random distortion: a 3x3 mesh whose source corners move by up to ``amount`` px."""
+def _warp(img: Image.Image, amount: float, cell: float, rng: random.Random) -> Image.Image:
+    """Smooth random distortion: a mesh of ``cell``-px cells whose source corners move by up to ``amount`` px.
+
+    Large cells bend the whole glyph (hand drawn look); cells of a few px make its outline ragged.
+    """
     w, h = img.size
-    xs = [round(w * i / 3) for i in range(4)]
-    ys = [round(h * j / 3) for j in range(4)]
-    moved = {(i, j): (xs[i] + rng.uniform(-amount, amount), ys[j] + rng.uniform(-amount, amount))
-             for i in range(4) for j in range(4)}
+    nx, ny = max(1, round(w / cell)), max(1, round(h / cell))
+    xs = [round(w * i / nx) for i in range(nx + 1)]
+    ys = [round(h * j / ny) for j in range(ny + 1)]
+    moved = {
+        (i, j): (xs[i] + rng.uniform(-amount, amount), ys[j] + rng.uniform(-amount, amount))
+        for i in range(nx + 1)
+        for j in range(ny + 1)
+    }
     mesh = [
         ((xs[i], ys[j], xs[i + 1], ys[j + 1]), (*moved[i, j], *moved[i, j + 1], *moved[i + 1, j + 1], *moved[i + 1, j]))
-        for i in range(3)
-        for j in range(3)
+        for i in range(nx)
+        for j in range(ny)
     ]
     return img.transform((w, h), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR)
 
@@ -167,7 +176,7 @@ def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
     font = _font(style.font, max(8, round(style.size * rng.uniform(0.92, 1.08))))
     width = max(1, round(style.size / 14)) if style.stroke in ("bold", "outline") else 0
     x1, y1, x2, y2 = font.getbbox(ch, stroke_width=width)
-    pad = 2 + width + math.ceil(style.warp)
+    pad = 2 + width + math.ceil(style.warp + style.rough)
     img = Image.new("L", (x2 - x1 + 2 * pad, y2 - y1 + 2 * pad), 0)
     fill = 0 if style.stroke == "outline" else 255
     ImageDraw.Draw(img).text((pad - x1, pad - y1), ch, font=font, fill=fill, stroke_width=width, stroke_fill=255)
@@ -181,7 +190,9 @@ def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
     if style.shear:
         img = _shear(img, style.shear)
     if style.warp:
-        img = _warp(img, style.warp, rng)
+        img = _warp(img, style.warp, max(img.size) / 3, rng)
+    if style.rough:
+        img = _warp(img, style.rough, 3.5, rng)
     img = img.rotate(_angle(style, rng), resample=Image.Resampling.BICUBIC, expand=True)
     mask = np.asarray(img, dtype=np.uint8).copy()
     mask[mask < _ALPHA_FLOOR] = 0
@@ -201,7 +212,7 @@ def _colour(rng: random.Random) -> np.ndarray:
     """A flat glyph colour anywhere from pale to dark, never (almost) white."""
     while True:
         rgb = [rng.randrange(256) for _ in range(3)]
-        if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 225:
+        if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 238:
             return np.array(rgb, dtype=np.float32)
 
 
