@@ -263,7 +263,7 @@ def render(
     import os
 
     from core.checkpoint import CheckpointError
-    from core.images import ImageError
+    from core.images import ImageError, load_image
     from core.render import render_file, render_rows
 
     if (image is None) == (job is None):
@@ -281,6 +281,10 @@ def render(
         return
 
     path = os.path.abspath(image)
+    try:
+        picture = load_image(path)
+    except ImageError as exc:
+        raise _fail(f"{path}: {exc}") from None
     row = None if run_model else _stored_result(database_url, path)
     source = f"stored result of model {row['model_version']}" if row else None
     try:
@@ -288,7 +292,7 @@ def render(
             from core.detector import Detector
 
             detector = Detector.load(checkpoint, device="cpu")
-            [prediction] = detector.predict([path])
+            [prediction] = detector.predict([picture])
             row = {
                 "text": prediction.text, "score": prediction.score,
                 "chars": [{"char": c.char, "box": list(c.box), "score": c.score} for c in prediction.chars],

@@ -1,0 +1,255 @@
+"""Result queries, job progress, queue depth and the ``status`` / ``results`` / ``db upgrade`` commands."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+import db.queries
+from core.cli import app
+from core.config import get_settings
+from db.models import Image
+from db.queries import job_status, latest_result, list_jobs, query_results, queue_depth
+from db.repository import CharOutcome, ImageOutcome, create_job, record_outcomes, register_images
+from db.session import dispose_engines, session_factory, upgrade
+
+REQUIRED = {"job", "path", "status", "text", "score", "error", "model_version", "chars"}
+
+# job "first": five images; job "second": two images, one a path of "first" decoded again later
+FIRST = [("ab12", 0.95), ("abz9", 0.60), ("k7m", 0.80), (None, "truncated image file"), (None, None)]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request) -> str:
+    """A migrated, empty database: a SQLite file, then a fresh PostgreSQL schema."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    upgrade(url)
+    yield url
+    dispose_engines()
+
+
+def outcome(image_id: int, text: str, score: float, version: str = "v1") -> ImageOutcome:
+    chars = [CharOutcome(k, ch, (10.0 * k, 5.0, 10.0 * k + 9, 35.0), score) for k, ch in enumerate(text)]
+    return ImageOutcome(image_id=image_id, status="done", model_version=version, text=text, score=score,
+                        chars=chars, width=200, height=50)  # fmt: skip
+
+
+@pytest.fixture()
+def filled(db_url) -> dict:
+    """Two jobs with done, failed and pending images; returns their ids and paths."""
+    Session = session_factory(db_url)
+    with Session() as session:
+        first = create_job(session, "first")
+        images = register_images(session, first, [(f"/data/q/{k}.png", 10 + k, 100 + k) for k in range(5)])
+        outcomes = []
+        for (image_id, _), (text, extra) in zip(images, FIRST):
+            if text is not None:
+                outcomes.append(outcome(image_id, text, extra))
+            elif extra is not None:
+                outcomes.append(ImageOutcome(image_id=image_id, status="failed", error=extra, model_version="v1"))
+        record_outcomes(session, outcomes)
+        session.commit()
+
+        second = create_job(session, "second")
+        again = register_images(session, second, [("/data/q/0.png", 10, 100), ("/data/q/9.png", 1, 1)], force=True)
+        record_outcomes(session, [outcome(again[0][0], "ab13", 0.99, version="v2"), outcome(again[1][0], "zz", 0.5)])
+        session.commit()
+        # make the second decoding of /data/q/0.png clearly the later one
+        session.execute(sa.update(Image).where(Image.id == again[0][0]).values(
+            finished_at=datetime.now(timezone.utc) + timedelta(seconds=5)))  # fmt: skip
+        session.commit()
+    return {"url": db_url, "first": first.id, "second": second.id, "images": images, "again": again}
+
+
+def paths(rows: list[dict]) -> list[str]:
+    return [r["path"] for r in rows]
+
+
+def test_rows_carry_results_characters_and_errors(filled):
+    with session_factory(filled["url"])() as session:
+        rows = query_results(session, job=filled["first"])
+    assert [r["status"] for r in rows] == ["done", "done", "done", "failed", "pending"]
+    assert [r["text"] for r in rows] == ["ab12", "abz9", "k7m", None, None]
+    first = rows[0]
+    assert REQUIRED <= set(first)
+    assert (first["job"], first["model_version"], first["width"], first["height"]) == (filled["first"], "v1", 200, 50)
+    assert [c["char"] for c in first["chars"]] == list("ab12")
+    assert first["chars"][1] == {"index": 1, "char": "b", "box": [10.0, 5.0, 19.0, 35.0], "score": 0.95}
+    failed = rows[3]
+    assert (failed["error"], failed["score"], failed["chars"]) == ("truncated image file", None, [])
+    json.dumps(rows)  # every value is JSON-native
+
+
+def test_filters(filled):
+    with session_factory(filled["url"])() as session:
+        q = lambda **kw: paths(query_results(session, **kw))  # noqa: E731
+        assert q(status="done", job=filled["first"]) == ["/data/q/0.png", "/data/q/1.png", "/data/q/2.png"]
+        assert q(status="failed") == ["/data/q/3.png"]
+        assert q(status="pending") == ["/data/q/4.png"]
+        assert q(text="ab*") == ["/data/q/0.png", "/data/q/1.png", "/data/q/0.png"]
+        assert q(text="AB1?") == ["/data/q/0.png", "/data/q/0.png"]
+        assert q(text="%z%") == ["/data/q/1.png", "/data/q/9.png"]
+        assert q(text="k7m") == ["/data/q/2.png"]
+        assert q(text="k7") == []
+        assert q(min_score=0.8) == ["/data/q/0.png", "/data/q/2.png", "/data/q/0.png"]
+        assert q(job="second") == ["/data/q/0.png", "/data/q/9.png"]
+        assert q(job=str(filled["second"]), min_score=0.9) == ["/data/q/0.png"]
+        assert q(job="no such job") == []
+        assert q(limit=2) == ["/data/q/0.png", "/data/q/1.png"]
+        rows = query_results(session, job="second", text="ab*")
+        assert [(r["text"], r["model_version"]) for r in rows] == [("ab13", "v2")]
+
+
+def test_pages_and_limit_across_pages(filled, monkeypatch):
+    monkeypatch.setattr(db.queries, "PAGE", 2)
+    with session_factory(filled["url"])() as session:
+        everything = query_results(session)
+        assert len(everything) == 7 and len({r["image_id"] for r in everything}) == 7
+        assert [r["image_id"] for r in query_results(session, limit=5)] == [r["image_id"] for r in everything[:5]]
+        assert len(query_results(session, status="done", limit=3)) == 3
+
+
+def test_latest_result_for_a_path(filled):
+    with session_factory(filled["url"])() as session:
+        latest = latest_result(session, "/data/q/0.png")
+        assert (latest["text"], latest["model_version"], latest["job"]) == ("ab13", "v2", filled["second"])
+        assert latest_result(session, "/data/q/3.png") is None  # failed: no result
+        assert latest_result(session, "/nowhere.png") is None
+
+
+def test_job_status_throughput_and_eta(filled):
+    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    with session_factory(filled["url"])() as session:
+        ids = [i for i, _ in filled["images"]]
+        session.execute(sa.update(Image).where(Image.job_id == filled["first"]).values(enqueued_at=t0))
+        for k, image_id in enumerate(ids[:4]):  # 4 finished over 8 s: 0.5 images/s; 1 pending: ETA 2 s
+            session.execute(sa.update(Image).where(Image.id == image_id).values(finished_at=t0 + timedelta(seconds=2 * (k + 1))))
+        session.commit()
+        status = job_status(session, filled["first"])
+        assert (status["total"], status["done"], status["failed"], status["pending"]) == (5, 3, 1, 1)
+        assert status["images_per_s"] == pytest.approx(0.5)
+        assert status["eta_s"] == pytest.approx(2.0)
+        assert job_status(session)["total"] == 7
+        jobs = list_jobs(session)
+        assert [(j["name"], j["total"], j["done"], j["failed"], j["pending"]) for j in jobs] == [
+            ("second", 2, 2, 0, 0), ("first", 5, 3, 1, 1)]  # fmt: skip
+
+
+def test_queue_depth_reads_llen_and_survives_a_dead_broker(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.delete("decode")
+    client.rpush("decode", "a", "b", "c")
+    try:
+        assert queue_depth(redis_url) == 3
+    finally:
+        client.delete("decode")
+        client.close()
+    assert queue_depth("redis://127.0.0.1:1/0") is None
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@pytest.fixture()
+def settings_env(monkeypatch):
+    """Point Settings at an unreachable broker (status must show "unavailable"), restore the cache afterwards."""
+    monkeypatch.setenv("CAPTCHA_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result
+
+
+def test_results_command_formats_parse(filled):
+    url = filled["url"]
+    out = run("results", "--database-url", url, "--format", "json")
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.stdout)
+    assert len(rows) == 7 and all(REQUIRED <= set(r) for r in rows)
+    assert rows[0]["chars"][0]["box"] == [0.0, 5.0, 9.0, 35.0]
+
+    out = run("results", "--database-url", url, "--format", "jsonl", "--status", "done", "--min-score", "0.9")
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["text"], r["job"]) for r in lines] == [("ab12", filled["first"]), ("ab13", filled["second"])]
+
+    out = run("results", "--database-url", url, "--format", "csv", "--job", "first", "--text", "ab*")
+    table = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert REQUIRED <= set(table[0])
+    assert [(r["text"], r["status"]) for r in table] == [("ab12", "done"), ("abz9", "done")]
+    assert [c["char"] for c in json.loads(table[1]["chars"])] == list("abz9")
+
+    out = run("results", "--database-url", url, "--format", "json", "--status", "failed")
+    [failed] = json.loads(out.stdout)
+    assert (failed["error"], failed["text"]) == ("truncated image file", None)
+    assert json.loads(run("results", "--database-url", url, "--format", "json", "--text", "nomatch").stdout) == []
+
+    out = run("results", "--database-url", url, "--limit", "3")
+    assert out.exit_code == 0 and "ab12" in out.stdout and "k7m" in out.stdout and "zz" not in out.stdout
+
+
+def test_status_command(filled, settings_env):
+    out = run("status", "--database-url", filled["url"])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.stdout.split())
+    assert "total 7" in text and "done 5" in text and "failed 1" in text and "pending 1" in text
+    assert "queue 'decode' unavailable" in text and "second" in text
+    out = run("status", str(filled["first"]), "--database-url", filled["url"])
+    assert "total 5" in " ".join(out.stdout.split())
+    out = run("status", "999", "--database-url", filled["url"])
+    assert out.exit_code == 1 and "no job 999" in out.stderr
+
+
+def test_status_shows_queue_depth(sqlite_url, redis_url, monkeypatch):
+    import redis
+
+    upgrade(sqlite_url)
+    monkeypatch.setenv("CAPTCHA_BROKER_URL", redis_url)
+    get_settings.cache_clear()
+    client = redis.Redis.from_url(redis_url)
+    client.rpush("decode", *["m"] * 4)
+    try:
+        out = run("status", "--database-url", sqlite_url)
+    finally:
+        client.delete("decode")
+        client.close()
+        get_settings.cache_clear()
+        dispose_engines()
+    assert "queue 'decode' 4 messages" in " ".join(out.stdout.split())
+
+
+def test_db_upgrade_command_and_missing_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    out = run("results", "--database-url", url)
+    assert out.exit_code == 1 and "db upgrade" in out.stderr
+    assert not (tmp_path / "new.db").exists()
+
+    out = run("db", "upgrade", "--database-url", url)
+    assert out.exit_code == 0 and "schema up to date" in out.stdout
+    assert json.loads(run("results", "--database-url", url, "--format", "json").stdout) == []
+    dispose_engines()
+
+
+def test_printed_urls_hide_passwords():
+    out = run("db", "upgrade", "--database-url", "postgresql+psycopg://user:s3cret@127.0.0.1:1/x")
+    assert out.exit_code == 1
+    assert "s3cret" not in out.output and "user:***@127.0.0.1:1" in out.output
+
+
+def test_empty_sqlite_file_without_schema_is_reported(tmp_path):
+    (tmp_path / "empty.db").touch()
+    out = run("status", "--database-url", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert out.exit_code == 1 and "no captcha-queue schema" in out.stderr
+    dispose_engines()
+
