@@ -43,7 +43,8 @@ def synth(
     start = time.perf_counter()
     written = generate(out_dir, count, seed=seed, workers=workers, progress=not quiet)
     elapsed = time.perf_counter() - start
-    typer.echo(f"wrote {written} images to {out_dir} in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.0f} images/s)")
+    rate = written / max(elapsed, 1e-9)
+    typer.echo(f"wrote {written} images to {out_dir} in {elapsed:.1f} s ({rate:.0f} images/s)")
 
 
 # --------------------------------------------------------------------------------------------------------------

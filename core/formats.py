@@ -190,7 +190,8 @@ class _LabelledFolder:
         return len(self._items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """``{"image": Tensor[3,H,W] 0..1, "boxes": Tensor[N,4] x1y1x2y2 px, "labels": Tensor[N] int64, "text", "path"}``.
+        """``{"image": Tensor[3,H,W] 0..1, "boxes": Tensor[N,4] x1y1x2y2 px, "labels": Tensor[N] int64, "text",
+        "path"}``.
 
         Raises ``core.images.ImageError`` when the file cannot be decoded.
         """

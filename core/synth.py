@@ -6,11 +6,13 @@ staying lowercase), stroke style and rotation regime (upright, a common lean, or
 degrees); each glyph has its own flat colour, from pale to dark. Thin black lines cross the image, glyphs included.
 
 Fonts are the DejaVu, STIX and Computer Modern faces shipped inside matplotlib; condensed and wide variants come
-from horizontal scaling, bold / thin / outlined / hatched strokes from mask operations. A glyph's box is the
-bounding box of its own painted pixels (alpha mask after scaling and rotation), so lines never widen it.
+from horizontal scaling, italics from slanting, a hand-drawn look from smooth mesh distortions (coarse ones bend the
+glyph, fine ones rag its outline), bold / thin / outlined / hatched strokes from mask operations. A glyph's box is the
+bounding box of its own painted pixels (its alpha mask after every transform), so lines never widen it.
 
 Everything random comes from the ``random.Random`` passed in (``generate`` seeds one per image from
-``(seed, index)``), so the same seed gives byte-identical files whatever the number of workers. PIL and numpy only.
+``(seed, index)``), so the same seed gives byte-identical files whatever the number of workers (with the same Pillow
+and FreeType). PIL and numpy only.
 """
 
 from __future__ import annotations
