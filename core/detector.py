@@ -1,0 +1,119 @@
+"""The inference API: a loaded checkpoint that turns images into strings with per-character boxes.
+
+``Detector.load()`` reads a checkpoint (default: ``Settings.checkpoint`` or the shipped one) and ``predict()`` runs
+it on PIL images or paths in width-grouped batches (images of similar width share a batch, so padding stays small),
+returning one ``Prediction`` per input, in input order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.charset import CHARS
+from core.checkpoint import default_checkpoint_path, load_checkpoint, sha256_file
+from core.images import load_image, to_rgb
+
+
+@dataclass(frozen=True)
+class Char:
+    """One detected character: its position in the string, the character, its box (x1, y1, x2, y2 in pixels)."""
+
+    index: int
+    char: str
+    box: tuple[float, float, float, float]
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A decoded image: the string, its characters left to right, and the mean character score (0.0 if none)."""
+
+    text: str
+    chars: tuple[Char, ...]
+    score: float
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given (CUDA is touched only here)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float Tensor[3, H, W] in [0, 1]."""
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def detect(
+    model: torch.nn.Module, images: Sequence[torch.Tensor], batch_size: int = 32, device: torch.device | str = "cpu"
+) -> list[dict[str, torch.Tensor]]:
+    """Run an eval-mode detector on Tensor[3, H_i, W_i] images grouped by width; detections (on CPU) in input order.
+
+    Each detection is ``{"boxes": Tensor[K, 4] x1y1x2y2 px, "labels": Tensor[K] int64, "scores": Tensor[K]}``
+    sorted left to right, as the model returns them.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    order = sorted(range(len(images)), key=lambda i: (images[i].shape[-1], images[i].shape[-2]))
+    out: list[dict[str, torch.Tensor] | None] = [None] * len(images)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            dets = model([images[i].to(device) for i in chunk])
+            for i, det in zip(chunk, dets):
+                out[i] = {k: v.detach().to("cpu") for k, v in det.items()}
+    return out  # type: ignore[return-value]
+
+
+def prediction_from_detections(det: dict[str, torch.Tensor]) -> Prediction:
+    """The ``Prediction`` for one detection dict (characters in the model's left-to-right order)."""
+    chars = tuple(
+        Char(index=i, char=CHARS[int(label)], box=tuple(float(v) for v in box), score=float(score))
+        for i, (box, label, score) in enumerate(zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()))
+    )
+    score = sum(c.score for c in chars) / len(chars) if chars else 0.0
+    return Prediction(text="".join(c.char for c in chars), chars=chars, score=score)
+
+
+class Detector:
+    """A checkpoint loaded for inference. Build with ``Detector.load``."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint_path: Path, metadata: dict, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.checkpoint_path = checkpoint_path
+        self.metadata = metadata
+        self.device = device
+        self.version: str = metadata.get("version") or "sha256:" + (metadata.get("sha256") or sha256_file(checkpoint_path))[:12]
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike | None = None, device: str = "auto") -> Detector:
+        """Load ``checkpoint`` (None -> ``Settings.checkpoint`` or the shipped default) on ``device``."""
+        if checkpoint is None:
+            from core.config import get_settings
+
+            checkpoint = get_settings().checkpoint or default_checkpoint_path()
+        path = Path(checkpoint).expanduser().resolve()
+        dev = resolve_device(device)
+        model, meta = load_checkpoint(path, device=dev)
+        return cls(model, path, meta, dev)
+
+    def predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
+        """Decode ``images`` (PIL images or paths); one ``Prediction`` per input, same order.
+
+        Paths are read with ``core.images.load_image``; an unreadable one raises ``ImageError`` (callers that need a
+        per-image failure load the images themselves and pass PIL images).
+        """
+        tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
+        return [prediction_from_detections(d) for d in detect(self.model, tensors, batch_size, self.device)]
+
+    def __repr__(self) -> str:
+        return f"Detector(version={self.version!r}, checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r})"

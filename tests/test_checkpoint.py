@@ -1,0 +1,182 @@
+"""Checkpoints: safetensors + JSON round trip, integrity checks, atomic writes, pickle-free training state."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.charset import CHARS
+from core.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    default_checkpoint_path,
+    load_checkpoint,
+    load_training_state,
+    metadata_path,
+    read_metadata,
+    save_checkpoint,
+    save_training_state,
+    sha256_file,
+    state_paths,
+)
+from core.detector import image_to_tensor
+from core.models import build_model
+from core.synth import render_captcha
+
+# a very small "fast" network; score_thresh 0 so that even untrained weights produce detections to compare
+TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32, "score_thresh": 0.0}
+
+
+@pytest.fixture()
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("fast", **TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[torch.Tensor]:
+    rng = random.Random(3)
+    return [image_to_tensor(render_captcha(text, rng)[0]) for text in ("ab12", "x9y8z7", "qq0")]
+
+
+def _detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    with torch.inference_mode():
+        return model(images)
+
+
+def test_round_trip_gives_identical_predictions(model, images, tmp_path: Path) -> None:
+    path = save_checkpoint(model, tmp_path / "m.safetensors", {"metrics": {"val_sequence_accuracy": 0.5}})
+    loaded, meta = load_checkpoint(path)
+    assert not loaded.training
+    assert loaded.config == model.config
+    before, after = _detect(model, images), _detect(loaded, images)
+    assert sum(len(d["labels"]) for d in before) > 0  # something to compare
+    for a, b in zip(before, after):
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["boxes"], b["boxes"])
+        assert torch.equal(a["scores"], b["scores"])
+    assert meta["metrics"] == {"val_sequence_accuracy": 0.5}
+
+
+def test_json_has_the_documented_keys(model, tmp_path: Path) -> None:
+    path = save_checkpoint(
+        model,
+        tmp_path / "m.safetensors",
+        {"train_config": {"epochs": 3}, "data_summary": {"train_images": 10}, "version": "v7", "history": [1, 2]},
+    )
+    meta = json.loads(metadata_path(path).read_text())
+    assert {"format_version", "arch", "model_config", "charset", "metrics", "train_config", "data_summary",
+            "created_at", "sha256"} <= set(meta)  # fmt: skip
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["arch"] == "fast" and meta["model_config"] == model.config
+    assert meta["charset"] == CHARS
+    assert meta["sha256"] == sha256_file(path)
+    assert meta["version"] == "v7" and meta["history"] == [1, 2]
+    assert meta["train_config"] == {"epochs": 3} and meta["data_summary"] == {"train_images": 10}
+    assert read_metadata(path) == meta
+
+
+def test_save_leaves_no_temporary_files_and_overwrites(model, tmp_path: Path) -> None:
+    save_checkpoint(model, tmp_path / "m.safetensors", {"version": "a"})
+    save_checkpoint(model, tmp_path / "m.safetensors", {"version": "b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+    assert read_metadata(tmp_path / "m.safetensors")["version"] == "b"
+
+
+def test_sha256_mismatch_is_refused(model, tmp_path: Path) -> None:
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # flip bits in the last weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(path)
+    loaded, _ = load_checkpoint(path, verify_sha256=False)  # opt-out still loads the (altered) weights
+    assert isinstance(loaded, torch.nn.Module)
+
+
+def test_missing_and_corrupt_files_give_clear_errors(model, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nothing.safetensors")
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path, verify_sha256=False)
+    metadata_path(path).write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
+        load_checkpoint(path)
+    metadata_path(path).unlink()
+    with pytest.raises(CheckpointError, match="metadata not found"):
+        load_checkpoint(path)
+
+
+def test_wrong_charset_and_wrong_architecture_are_refused(model, tmp_path: Path) -> None:
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    meta = json.loads(metadata_path(path).read_text())
+    metadata_path(path).write_text(json.dumps({**meta, "charset": "0123456789"}))
+    with pytest.raises(CheckpointError, match="charset"):
+        load_checkpoint(path)
+    metadata_path(path).write_text(json.dumps({**meta, "model_config": {**meta["model_config"], "head_width": 64}}))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(path)
+
+
+def test_loading_never_unpickles(model, tmp_path: Path, monkeypatch) -> None:
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load must not be used")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr("pickle.load", refuse)
+    monkeypatch.setattr("pickle.loads", refuse)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.config == model.config
+
+
+def test_training_state_round_trip(model, images, tmp_path: Path) -> None:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95))
+    targets = [{"boxes": torch.tensor([[5.0, 10.0, 30.0, 60.0]]), "labels": torch.tensor([3])} for _ in images]
+    sum(model(images, targets).values()).backward()
+    optimizer.step()
+    out = tmp_path / "m.safetensors"
+    torch.manual_seed(11)
+    random.seed(11)
+    save_training_state(out, model, optimizer, {"epoch": 4, "history": [{"epoch": 4}]})
+    expected_torch, expected_py = torch.rand(3), random.random()
+    assert all(p.exists() for p in state_paths(out))
+
+    torch.manual_seed(0)
+    fresh = build_model("fast", **TINY)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3, betas=(0.8, 0.95))
+    state = load_training_state(out, fresh, fresh_opt)
+    assert state == {"epoch": 4, "history": [{"epoch": 4}]}
+    assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_py
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    saved, restored = optimizer.state_dict(), fresh_opt.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]
+    assert isinstance(restored["param_groups"][0]["betas"], tuple)
+    for i, entry in saved["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(restored["state"][i][name], value)
+
+
+def test_training_state_for_another_model_is_refused(model, tmp_path: Path) -> None:
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_training_state(tmp_path / "m.safetensors", model, optimizer, {"epoch": 1})
+    other = build_model("fast", **{**TINY, "head_width": 16})
+    with pytest.raises(CheckpointError, match="model_config"):
+        load_training_state(tmp_path / "m.safetensors", other, torch.optim.AdamW(other.parameters()))
+    with pytest.raises(CheckpointError, match="no training state"):
+        load_training_state(tmp_path / "other.safetensors", model, optimizer)
+
+
+def test_default_checkpoint_path_points_into_the_package() -> None:
+    path = default_checkpoint_path()
+    assert path.name == "fast.safetensors"
+    assert path.parent.name == "default_checkpoint" and path.parent.parent.name == "core"

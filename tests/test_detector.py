@@ -1,0 +1,125 @@
+"""The inference API: loading (explicit, from settings), version, predictions in input order from paths or images."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core.checkpoint import save_checkpoint
+from core.config import get_settings
+from core.detector import Detector, Prediction, detect, image_to_tensor, resolve_device
+from core.images import ImageError
+from core.models import build_model, text_from_detections
+from core.synth import render_captcha
+
+TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32, "score_thresh": 0.0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_checkpoint(build_model("fast", **TINY), out, {"metrics": {}})
+
+
+@pytest.fixture(scope="module")
+def captchas(tmp_path_factory) -> list[Path]:
+    """Five synthetic CAPTCHAs of different widths, saved as PNG."""
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = random.Random(7)
+    paths = []
+    for i, text in enumerate(("ab12", "x9y8z7q", "k3m", "p0p0p0p0", "zz9")):
+        img, _ = render_captcha(text, rng)
+        paths.append(folder / f"{text}-{i}.png")
+        img.save(paths[-1])
+    assert len({Image.open(p).width for p in paths}) >= 4
+    return paths
+
+
+def test_load_sets_version_device_and_eval_mode(checkpoint: Path) -> None:
+    det = Detector.load(checkpoint, device="cpu")
+    assert det.device == torch.device("cpu")
+    assert det.checkpoint_path == checkpoint.resolve()
+    assert det.version == "sha256:" + det.metadata["sha256"][:12]
+    assert not det.model.training
+
+
+def test_version_from_metadata(tmp_path: Path) -> None:
+    path = save_checkpoint(build_model("fast", **TINY), tmp_path / "v.safetensors", {"version": "7"})
+    assert Detector.load(path).version == "7"
+
+
+def test_load_without_argument_uses_settings(checkpoint: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CAPTCHA_CHECKPOINT", str(checkpoint))
+    get_settings.cache_clear()
+    try:
+        assert Detector.load().checkpoint_path == checkpoint.resolve()
+    finally:
+        get_settings.cache_clear()
+
+
+def test_auto_device_is_cpu_without_cuda() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_predict_accepts_paths_and_images_and_keeps_order(checkpoint: Path, captchas: list[Path]) -> None:
+    det = Detector.load(checkpoint)
+    singles = [det.predict([p])[0] for p in captchas]  # one image per call: no batching involved
+    assert sum(len(p.chars) for p in singles) > 0
+    shuffled = [4, 1, 3, 0, 2]
+    mixed: list[Image.Image | Path] = [Image.open(captchas[i]) if i % 2 else captchas[i] for i in shuffled]
+    batched = det.predict(mixed, batch_size=1)  # width order differs from input order
+    assert batched == [singles[i] for i in shuffled]
+    together = det.predict([captchas[i] for i in shuffled], batch_size=8)  # one padded batch of mixed widths
+    assert [len(p.chars) > 0 for p in together] == [len(singles[i].chars) > 0 for i in shuffled]
+
+
+def test_batches_are_grouped_by_width(checkpoint: Path, captchas: list[Path]) -> None:
+    det = Detector.load(checkpoint)
+    seen: list[list[int]] = []
+    forward = det.model.forward
+
+    def recording(images, targets=None):
+        seen.append([int(img.shape[-1]) for img in images])
+        return forward(images, targets)
+
+    det.model.forward = recording  # type: ignore[method-assign]
+    det.predict(captchas, batch_size=2)
+    widths = sorted(Image.open(p).width for p in captchas)
+    assert seen == [widths[0:2], widths[2:4], widths[4:5]]
+
+
+def test_prediction_fields_match_the_detections(checkpoint: Path, captchas: list[Path]) -> None:
+    det = Detector.load(checkpoint)
+    tensors = [image_to_tensor(Image.open(p)) for p in captchas]
+    raw = detect(det.model, tensors, batch_size=1)
+    for p, d in zip(det.predict(captchas, batch_size=1), raw):
+        assert isinstance(p, Prediction)
+        assert p.text == text_from_detections(d)
+        assert [c.index for c in p.chars] == list(range(len(p.text)))
+        assert "".join(c.char for c in p.chars) == p.text
+        assert [c.box for c in p.chars] == [tuple(b) for b in d["boxes"].tolist()]
+        expected = sum(c.score for c in p.chars) / len(p.chars) if p.chars else 0.0
+        assert p.score == pytest.approx(expected)
+
+
+def test_empty_input_and_unreadable_path(checkpoint: Path, tmp_path: Path) -> None:
+    det = Detector.load(checkpoint)
+    assert det.predict([]) == []
+    bad = tmp_path / "bad-0.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ImageError):
+        det.predict([bad])
+
+
+def test_rgba_images_are_composited_on_white(checkpoint: Path, captchas: list[Path]) -> None:
+    det = Detector.load(checkpoint)
+    rgb = Image.open(captchas[0]).convert("RGB")
+    rgba = rgb.convert("RGBA")
+    assert det.predict([rgba]) == det.predict([rgb])
