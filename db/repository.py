@@ -250,7 +250,9 @@ def _validate(outcome: ImageOutcome) -> None:
         raise ValueError(f"image {outcome.image_id}: status must be 'done' or 'failed', not {outcome.status!r}")
 
 
-def _upsert_results(session: Session, outcomes: Sequence[ImageOutcome], now: Any) -> dict[tuple[int, str], int]:
+def _upsert_results(
+    session: Session, outcomes: Sequence[ImageOutcome], now: datetime
+) -> dict[tuple[int, str], int]:
     """Insert or overwrite the results of ``outcomes``; return their ids keyed by (image_id, model_version)."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
