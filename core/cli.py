@@ -27,6 +27,63 @@ app = typer.Typer(
 # --------------------------------------------------------------------------------------------------------------
 
 
+@app.command()
+def autolabel(
+    images: Path = typer.Argument(..., help="Folder of <text>-<n>.png images whose only label is their text."),
+    out: Path = typer.Option(..., "--out", help="Labels folder to write (<stem>.txt, YOLO, the seed layout)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Detector that reads the images colour leaves unlabelled."),
+    colour: bool = typer.Option(True, "--colour/--no-colour", help="Run the colour segmentation first."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Colour processes (default: CPU cores)."),
+    batch_size: int = typer.Option(32, min=1, help="Detector batch size."),
+    device: str = typer.Option("cpu", help="Detector device: cpu | auto | cuda | cuda:N."),
+    render_dir: Optional[Path] = typer.Option(None, help="Also draw a sample of the labels into this folder."),
+    render: int = typer.Option(12, min=0, help="How many labels to draw (spread over the sources)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout and nothing else."),
+) -> None:
+    """Write per-character boxes for images labelled only by their file name, checked against that text."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from core.autolabel import autolabel as run_autolabel, render_labels
+    from core.checkpoint import CheckpointError
+
+    err = Console(stderr=True)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err,
+                      transient=True) as progress:  # fmt: skip
+            tasks: dict[str, int] = {}
+
+            def on_progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(stage, total=total)
+                progress.update(tasks[stage], completed=done, total=total)
+
+            report = run_autolabel(
+                images, out, checkpoint=checkpoint, colour=colour, workers=workers, batch_size=batch_size,
+                device=device, on_progress=on_progress,
+            )  # fmt: skip
+    except (CheckpointError, NotADirectoryError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    summary = report.as_dict()
+    if render_dir is not None and render:
+        summary["rendered"] = [str(p) for p in render_labels(report.labels, render_dir, render)]
+    if json_output:
+        typer.echo(json.dumps(summary))
+        return
+    sources = ", ".join(f"{n} by {source}" for source, n in sorted(summary["by_source"].items())) or "none"
+    typer.echo(
+        f"labelled {summary['labelled']} of {summary['images']} images ({summary['share']:.1%}: {sources}) "
+        f"in {summary['seconds']:.0f} s -> {out}"
+    )
+    for reason, n in sorted(summary["unlabelled"].items(), key=lambda item: -item[1]):
+        typer.echo(f"  unlabelled, {reason}: {n}")
+    if summary.get("rendered"):
+        typer.echo(f"{len(summary['rendered'])} pictures in {render_dir}")
+
+
 @app.command("synth")
 def synth(
     out_dir: Path = typer.Argument(..., help="Folder to write images/ and labels/ into (created if missing)."),
