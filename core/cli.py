@@ -28,6 +28,153 @@ app = typer.Typer(
 
 
 @app.command()
+def train(
+    images: Path = typer.Option(..., help="Folder of <text>-<n>.png training images"),
+    labels: Path = typer.Option(..., help="Folder of YOLO label files, one <stem>.txt per image"),
+    out: Path = typer.Option(..., help="Checkpoint to write (.safetensors; the .json and training state go beside it)"),
+    val_images: Optional[Path] = typer.Option(None, help="Validation images (default: hold out 5%, at most 500)"),
+    val_labels: Optional[Path] = typer.Option(None, help="Validation labels"),
+    arch: str = typer.Option("fast", help="Network: fast | seed"),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, warmup then cosine)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    workers: int = typer.Option(1, min=0, help="DataLoader worker processes"),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, help="Continue the run whose training state is beside --out"),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's weights"),
+    version: Optional[str] = typer.Option(None, help="Version string stored in the checkpoint"),
+    model_config: str = typer.Option("{}", help='JSON object of network settings, e.g. \'{"input_height": 64}\''),
+) -> None:
+    """Train a detector on a labelled folder; keep the best checkpoint by validation sequence accuracy."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from core.checkpoint import CheckpointError
+    from core.train import TrainConfig, train_model
+
+    console = Console(stderr=True)
+    try:
+        network = json.loads(model_config)
+        if not isinstance(network, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] --model-config: {exc}")
+        raise typer.Exit(2) from None
+    cfg = TrainConfig(
+        images=images, labels=labels, out=out, val_images=val_images, val_labels=val_labels, arch=arch,
+        model_config=network, epochs=epochs, batch_size=batch_size, lr=lr, device=device, num_workers=workers,
+        seed=seed, resume=resume, init_from=init_from, version=version,
+    )  # fmt: skip
+    progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console,
+    )  # fmt: skip
+    task = progress.add_task("train", total=None, epoch="-", loss=0.0)
+    recent: list[float] = []
+
+    def on_progress(event: dict) -> None:
+        if event["event"] == "start":
+            console.print(
+                f"training {event['train_images']} images, validating on {event['val_images']}, "
+                f"{event['steps_per_epoch']} steps/epoch on {event['device']}"
+            )
+            progress.update(task, total=event["steps_per_epoch"], completed=0, epoch=event["start_epoch"])
+        elif event["event"] == "step":
+            progress.update(task, advance=1, loss=event["loss"])
+            recent.append(event["loss"])
+            if not console.is_terminal and event["step"] % 50 == 0:  # logs: a line instead of a live bar
+                console.print(
+                    f"step {event['step']}/{event['steps']} epoch {event['epoch']} "
+                    f"loss {sum(recent) / len(recent):.4f} lr {event['lr']:.2e}"
+                )
+                recent.clear()
+        elif event["event"] == "epoch":
+            losses = " ".join(f"{k} {event[k]:.4f}" for k in ("loss", "rpn_cls", "rpn_reg", "cls", "box_reg") if k in event)
+            console.print(
+                f"epoch {event['epoch']}: {losses} | val seq {event['val_sequence_accuracy']:.4f} "
+                f"char {event['val_character_accuracy']:.4f} | {event['images_per_second']:.1f} img/s"
+                + (" | saved" if event["best"] else "")
+            )
+            progress.update(task, completed=0, epoch=event["epoch"] + 1)
+
+    try:
+        with progress:
+            result = train_model(cfg, on_progress)
+    except (CheckpointError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    m = result.metrics
+    typer.echo(
+        f"best epoch {result.best_epoch}: val sequence accuracy {m['val_sequence_accuracy']:.4f}, "
+        f"character accuracy {m['val_character_accuracy']:.4f} -> {result.checkpoint}"
+    )
+
+
+@app.command("eval")
+def eval_command(
+    images: Path = typer.Option(..., help="Folder of images named <text>-<n>.png (names without a text: decoded only)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: CAPTCHA_CHECKPOINT or the shipped one)"),
+    batch_size: int = typer.Option(32, min=1),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else"),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by name)"),
+    confusions: int = typer.Option(10, min=0, help="How many top character confusions to show"),
+) -> None:
+    """Measure sequence accuracy, character accuracy and throughput of a checkpoint on a folder."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from core.checkpoint import CheckpointError
+    from core.detector import Detector
+    from core.evaluate import evaluate
+
+    err = Console(stderr=True)
+    try:
+        detector = Detector.load(checkpoint, device=device)
+        with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
+            task = progress.add_task("eval", total=None)
+            report = evaluate(
+                detector, images, batch_size=batch_size, limit=limit,
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )  # fmt: skip
+    except (CheckpointError, NotADirectoryError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    summary = {
+        "checkpoint": str(detector.checkpoint_path),
+        "version": detector.version,
+        "device": str(detector.device),
+        **report.as_dict(top_confusions=confusions),
+    }
+    if json_output:
+        typer.echo(json.dumps(summary))
+        return
+    table = Table(title=f"{images} ({detector.version})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("images decoded", str(report.images))
+    table.add_row("images with a truth", str(report.scored))
+    table.add_row("sequence accuracy", f"{report.sequence_accuracy:.4f}")
+    table.add_row("character accuracy", f"{report.character_accuracy:.4f}")
+    table.add_row("images/s", f"{report.images_per_second:.1f}")
+    table.add_row("unreadable", str(len(report.unreadable)))
+    Console().print(table)
+    if summary["top_confusions"]:
+        conf = Table(title="top character confusions (∅ = missing / extra)")
+        for col in ("truth", "predicted", "count"):
+            conf.add_column(col)
+        for truth, predicted, count in summary["top_confusions"]:
+            conf.add_row(truth, predicted, str(count))
+        Console().print(conf)
+
+
+@app.command()
 def autolabel(
     images: Path = typer.Argument(..., help="Folder of <text>-<n>.png images whose only label is their text."),
     out: Path = typer.Option(..., "--out", help="Labels folder to write (<stem>.txt, YOLO, the seed layout)."),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -89,3 +92,73 @@ def test_evaluate_scores_names_and_reports_unreadable(tmp_path: Path) -> None:
     assert seen[-1] == (4, 4)
     d = report.as_dict()
     assert d["top_confusions"] == [["d", "x", 1]] and d["unreadable"] == 1
+
+
+CLI = Path(sys.executable).with_name("captcha-queue")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny, randomly initialised detector with score_thresh 0, so that it reads some text in every image."""
+    import torch
+
+    from core.checkpoint import save_checkpoint
+    from core.models import build_model
+
+    torch.manual_seed(2)
+    tiny = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32, "score_thresh": 0.0,
+            "detections_per_img": 6}  # fmt: skip
+    return save_checkpoint(build_model("fast", **tiny), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def test_eval_command_prints_one_json_object_with_the_right_accuracy(checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from core.detector import Detector
+    from core.synth import generate
+
+    generate(tmp_path / "src", 5, seed=9, workers=1, progress=False)
+    sources = sorted((tmp_path / "src" / "images").iterdir())
+    predicted = [p.text for p in Detector.load(checkpoint).predict(sources)]
+    assert predicted[0] and predicted[1]  # names are made from them
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    # two images named after what the detector reads (right by construction), two with their true text, one unnamed
+    names = [f"{predicted[0]}-0.png", f"{predicted[1]}-1.png", sources[2].name, sources[3].name, "unnamed.png"]
+    for src, name in zip(sources, names):
+        shutil.copy(src, folder / name)
+    truths = [predicted[0], predicted[1], sources[2].name.split("-")[0], sources[3].name.split("-")[0], None]
+    expected = score(predicted, truths)
+    assert expected.sequence_accuracy >= 0.5
+
+    proc = subprocess.run(
+        [str(CLI), "eval", "--images", str(folder), "--checkpoint", str(checkpoint), "--json", "--device", "cpu"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1
+    report = json.loads(proc.stdout)
+    assert {"images", "sequence_accuracy", "character_accuracy", "images_per_second", "checkpoint", "version"} <= set(report)
+    assert report["images"] == 5 and report["scored"] == 4
+    assert report["sequence_accuracy"] == pytest.approx(expected.sequence_accuracy)
+    assert report["character_accuracy"] == pytest.approx(expected.character_accuracy)
+    assert report["images_per_second"] > 0
+    assert report["checkpoint"] == str(checkpoint.resolve())
+    assert report["version"] == Detector.load(checkpoint).version
+
+    limited = subprocess.run(
+        [str(CLI), "eval", "--images", str(folder), "--checkpoint", str(checkpoint), "--json", "--limit", "2"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert json.loads(limited.stdout)["images"] == 2
+
+
+def test_eval_command_reports_a_bad_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    proc = subprocess.run(
+        [str(CLI), "eval", "--images", str(tmp_path / "imgs"), "--checkpoint", str(tmp_path / "none.safetensors"), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert "checkpoint not found" in proc.stderr

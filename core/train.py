@@ -1,0 +1,358 @@
+"""The training loop behind ``captcha-queue train`` and the retraining task.
+
+``train_model(cfg)`` trains a detector on a labelled folder (``core.formats.LabelledFolder``): batches of similar
+widths (``WidthBucketSampler``), AdamW with linear warmup then cosine decay, gradient clipping. After every epoch it
+validates (sequence and character accuracy, ``core.evaluate.score``), keeps the best checkpoint by validation
+sequence accuracy at ``cfg.out`` and saves resumable training state beside it (``core.checkpoint.save_training_state``).
+Progress goes to ``on_progress`` as plain dicts (``"event"``: ``start`` | ``step`` | ``epoch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from core.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from core.detector import detect, prediction_from_detections, resolve_device
+from core.evaluate import score
+from core.images import ImageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in the checkpoint's ``train_config``)."""
+
+    images: Path
+    labels: Path
+    out: Path
+    val_images: Path | None = None  # None: hold out val_fraction of the training set (at most val_max images)
+    val_labels: Path | None = None
+    arch: str = "fast"
+    model_config: dict[str, Any] = field(default_factory=dict)  # extra build_model keyword arguments
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200  # at most a tenth of all steps
+    min_lr_ratio: float = 0.02  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 5.0
+    device: str = "auto"
+    num_workers: int = 1
+    seed: int = 0
+    resume: bool = False
+    init_from: Path | None = None  # start from this checkpoint's weights (and architecture)
+    val_fraction: float = 0.05
+    val_max: int = 500
+    val_batch_size: int = 32
+    version: str | None = None  # stored as the checkpoint's "version"
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path  # the best checkpoint (by validation sequence accuracy)
+    best_epoch: int
+    metrics: dict[str, Any]  # the best epoch's record
+    history: list[dict[str, Any]]  # one record per epoch: losses, validation accuracy, images/s, lr
+    epochs_run: int  # epochs trained by this call (0 when a resumed run was already complete)
+
+
+class WidthBucketSampler(Sampler[list[int]]):
+    """Batches of similar widths: shuffle, cut into pools of ``pool`` batches, sort each pool by width, batch it,
+    shuffle the batches. Deterministic for a given ``seed`` and ``set_epoch(epoch)``."""
+
+    def __init__(self, widths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0, pool: int = 50):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.widths = list(widths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pool = pool
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _pools(self, generator: torch.Generator) -> list[list[int]]:
+        n = len(self.widths)
+        order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
+        size = self.batch_size * self.pool
+        return [order[i : i + size] for i in range(0, n, size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        batches: list[list[int]] = []
+        for pool in self._pools(g):
+            pool = sorted(pool, key=lambda i: self.widths[i])
+            batches.extend(pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size))
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        size = self.batch_size * self.pool
+        n = len(self.widths)
+        full, rest = divmod(n, size)
+        return full * math.ceil(size / self.batch_size) + math.ceil(rest / self.batch_size)
+
+
+class _Tolerant(Dataset):
+    """Wraps a dataset so that an image that fails to decode becomes ``{"error", "path"}`` instead of an exception."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.dataset[index]
+        except ImageError as exc:
+            return {"error": str(exc), "index": index}
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> ``{"images": [Tensor[3,H,W]], "targets": [{"boxes", "labels"}], "texts", "errors"}``."""
+    good = [b for b in batch if "error" not in b]
+    return {
+        "images": [b["image"] for b in good],
+        "targets": [{"boxes": b["boxes"], "labels": b["labels"]} for b in good],
+        "texts": [b["text"] for b in good],
+        "errors": [b["error"] for b in batch if "error" in b],
+    }
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from ``base`` to ``base * min_ratio`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _widths(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, Subset):
+        parent = _widths(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    return list(dataset.widths)  # type: ignore[attr-defined]
+
+
+def _split(dataset: Dataset, cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """Hold out ``val_fraction`` (at least 1, at most ``val_max``) with a seeded permutation."""
+    n = len(dataset)  # type: ignore[arg-type]
+    n_val = min(cfg.val_max, max(1, round(n * cfg.val_fraction))) if n >= 2 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return Subset(dataset, sorted(perm[n_val:])), Subset(dataset, sorted(perm[:n_val]))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and normalisation parameters (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def validate(
+    model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0
+) -> dict[str, Any]:
+    """Decode ``dataset`` (width-sorted batches) and score it: ``val_images``, ``val_sequence_accuracy``,
+    ``val_character_accuracy``. The model is left in eval mode."""
+    model.eval()
+    loader = DataLoader(
+        _Tolerant(dataset),
+        batch_sampler=WidthBucketSampler(_widths(dataset), batch_size, shuffle=False, pool=10**9),
+        collate_fn=collate,
+        num_workers=num_workers,
+    )
+    predictions: list[str] = []
+    truths: list[str | None] = []
+    for batch in loader:
+        dets = detect(model, batch["images"], batch_size=max(1, len(batch["images"])), device=device)
+        predictions.extend(prediction_from_detections(d).text for d in dets)
+        truths.extend(batch["texts"])
+    s = score(predictions, truths)
+    return {
+        "val_images": s.scored,
+        "val_sequence_accuracy": s.sequence_accuracy,
+        "val_character_accuracy": s.character_accuracy,
+    }
+
+
+def _build(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network to train and where its weights come from."""
+    from core.models import build_model
+
+    if cfg.init_from is not None:
+        model, meta = load_checkpoint(cfg.init_from, device=device)
+        if meta["arch"] != cfg.arch:
+            log.info("init_from %s: using its architecture %r", cfg.init_from, meta["arch"])
+        return model, {"init_from": str(cfg.init_from), "init_sha256": meta["sha256"]}
+    return build_model(arch=cfg.arch, **cfg.model_config).to(device), {}
+
+
+def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train per ``cfg``; write the best checkpoint to ``cfg.out`` (plus training state beside it); return the result.
+
+    With ``cfg.resume`` the run continues after the last completed epoch recorded in the training state.
+    """
+    from core.formats import LabelledFolder
+
+    emit = on_progress or (lambda event: None)
+    device = resolve_device(cfg.device)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    train_set: Dataset = LabelledFolder(cfg.images, cfg.labels)
+    skipped = dict(train_set.skipped)  # type: ignore[attr-defined]
+    if cfg.val_images is not None:
+        if cfg.val_labels is None:
+            raise ValueError("val_images needs val_labels")
+        val_set: Dataset = LabelledFolder(cfg.val_images, cfg.val_labels)
+        val_source = str(cfg.val_images)
+    else:
+        train_set, val_set = _split(train_set, cfg)
+        val_source = f"held out from {cfg.images}"
+    if len(train_set) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"no usable training samples in {cfg.images} (skipped: {skipped or 'none'})")
+
+    model, origin = _build(cfg, device)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    sampler = WidthBucketSampler(_widths(train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(
+        _Tolerant(train_set),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    steps_per_epoch = len(sampler)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_steps, max(1, total_steps // 10))
+
+    history: list[dict[str, Any]] = []
+    start_epoch, step = 1, 0
+    best_key: tuple[float, float] | None = None
+    best_epoch = 0
+    if cfg.resume:
+        state = load_training_state(out, model, optimizer)
+        history, step = state["history"], state["step"]
+        start_epoch = state["epoch"] + 1
+        best_epoch = state["best_epoch"]
+        best_key = tuple(state["best_key"]) if state["best_key"] is not None else None  # type: ignore[assignment]
+        log.info("resuming %s after epoch %d (step %d)", out, state["epoch"], step)
+
+    data_summary = {
+        "train_images": len(train_set),  # type: ignore[arg-type]
+        "val_images": len(val_set),  # type: ignore[arg-type]
+        "images_dir": str(cfg.images),
+        "labels_dir": str(cfg.labels),
+        "val_source": val_source,
+        "skipped": skipped,
+        **origin,
+    }
+    emit(
+        {
+            "event": "start",
+            "epochs": cfg.epochs,
+            "start_epoch": start_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "train_images": data_summary["train_images"],
+            "val_images": data_summary["val_images"],
+            "device": str(device),
+        }
+    )
+
+    epochs_run = 0
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        batches = images_seen = nonfinite = 0
+        errors: list[str] = []
+        t0 = time.perf_counter()
+        for batch in loader:
+            errors.extend(batch["errors"])
+            if not batch["images"]:
+                continue
+            lr = lr_at(step, total_steps, cfg.lr, warmup, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = [img.to(device, non_blocking=True) for img in batch["images"]]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            step += 1
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            batches += 1
+            images_seen += len(images)
+            emit({"event": "step", "epoch": epoch, "step": step, "steps": total_steps, "loss": loss.item(), "lr": lr})
+        train_seconds = time.perf_counter() - t0
+        record: dict[str, Any] = {"epoch": epoch}
+        record.update({k: v / max(1, batches) for k, v in sums.items()})
+        record["images_per_second"] = images_seen / train_seconds if train_seconds > 0 else 0.0
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        if nonfinite:
+            record["nonfinite_steps"] = nonfinite
+        if errors:
+            record["unreadable_images"] = len(errors)
+            log.warning("epoch %d: %d unreadable images skipped (first: %s)", epoch, len(errors), errors[0])
+        record.update(validate(model, val_set, cfg.val_batch_size, device, cfg.num_workers))
+        record["seconds"] = time.perf_counter() - t0
+        key = (record["val_sequence_accuracy"], record["val_character_accuracy"])
+        record["best"] = best_key is None or key >= best_key
+        history.append(record)
+        if record["best"]:
+            best_key, best_epoch = key, epoch
+            metadata = {
+                "metrics": record,
+                "train_config": cfg.as_json(),
+                "data_summary": data_summary,
+                "history": history,
+                "version": cfg.version,
+            }
+            save_checkpoint(model, out, metadata)
+        save_training_state(
+            out,
+            model,
+            optimizer,
+            {"epoch": epoch, "step": step, "best_epoch": best_epoch, "best_key": best_key, "history": history},
+        )
+        epochs_run += 1
+        emit({"event": "epoch", **record})
+
+    if best_epoch == 0:
+        raise ValueError(f"nothing trained: {out} has no completed epoch (epochs={cfg.epochs})")
+    return TrainResult(
+        checkpoint=out,
+        best_epoch=best_epoch,
+        metrics=next(r for r in history if r["epoch"] == best_epoch),
+        history=history,
+        epochs_run=epochs_run,
+    )
+

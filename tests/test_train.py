@@ -1,0 +1,166 @@
+"""Training: width-bucketed batches, a tiny run that writes a loadable checkpoint, resume, the train command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import load_checkpoint, read_metadata, state_paths
+from core.detector import Detector
+from core.synth import generate
+from core.train import TrainConfig, WidthBucketSampler, lr_at, train_model
+
+TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32}
+CLI = Path(sys.executable).with_name("captcha-queue")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """16 training and 4 validation CAPTCHAs (synthetic)."""
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "train", 16, seed=0, workers=1, progress=False)
+    generate(root / "val", 4, seed=1, workers=1, progress=False)
+    return root
+
+
+def _config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        images=data / "train" / "images", labels=data / "train" / "labels",
+        val_images=data / "val" / "images", val_labels=data / "val" / "labels",
+        out=out, model_config=TINY, epochs=2, batch_size=8, num_workers=0, seed=3,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_width_bucket_sampler_covers_everything_once_in_similar_widths() -> None:
+    widths = [100 + (i * 37) % 500 for i in range(103)]
+    sampler = WidthBucketSampler(widths, batch_size=8, seed=1, pool=4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert all(len(b) <= 8 for b in batches)
+    # within a pool of 32 samples sorted by width, a batch spans far less than the full range of widths
+    spans = [max(widths[i] for i in b) - min(widths[i] for i in b) for b in batches]
+    assert sum(spans) / len(spans) < 0.5 * (max(widths) - min(widths))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled per epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == batches  # deterministic
+    ordered = list(WidthBucketSampler(widths, batch_size=8, shuffle=False, pool=10**9))
+    assert [i for b in ordered for i in b] == sorted(range(103), key=lambda i: widths[i])
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    lrs = [lr_at(s, 100, 1e-3, 10, 0.02) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, 100, 1e-3, 10, 0.02) == pytest.approx(2e-5)
+
+
+def test_tiny_run_writes_a_loadable_checkpoint_with_metrics(data: Path, tmp_path: Path) -> None:
+    events: list[dict] = []
+    out = tmp_path / "run" / "tiny.safetensors"
+    result = train_model(_config(data, out, version="t1"), events.append)
+    assert result.checkpoint == out and out.exists()
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    for record in result.history:
+        assert {"rpn_cls", "rpn_reg", "cls", "loss", "images_per_second", "val_sequence_accuracy",
+                "val_character_accuracy"} <= set(record)  # fmt: skip
+        assert record["loss"] == pytest.approx(sum(record[k] for k in ("rpn_cls", "rpn_reg", "cls", "box_reg")))
+        assert record["val_images"] == 4 and record["images_per_second"] > 0
+    assert [e["event"] for e in events].count("step") == 2 * 2  # 16 images / batch 8, two epochs
+    assert events[0]["event"] == "start" and events[0]["train_images"] == 16
+    meta = read_metadata(out)
+    assert meta["version"] == "t1"
+    assert meta["metrics"]["epoch"] == result.best_epoch
+    assert meta["train_config"]["epochs"] == 2 and meta["train_config"]["model_config"] == TINY
+    assert meta["data_summary"]["train_images"] == 16 and meta["data_summary"]["val_images"] == 4
+    model, _ = load_checkpoint(out)
+    assert model.config["widths"] == TINY["widths"]
+    assert Detector.load(out).version == "t1"
+    assert all(p.exists() for p in state_paths(out))
+
+
+def test_validation_is_held_out_when_not_given(data: Path, tmp_path: Path) -> None:
+    cfg = _config(data, tmp_path / "h.safetensors", val_images=None, val_labels=None, epochs=1, val_fraction=0.25)
+    result = train_model(cfg)
+    summary = read_metadata(cfg.out)["data_summary"]
+    assert (summary["train_images"], summary["val_images"]) == (12, 4)
+    assert result.history[0]["val_images"] == 4
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path) -> None:
+    straight = train_model(_config(data, tmp_path / "straight.safetensors"))
+
+    def stop_after_first_epoch(event: dict) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            raise _Stop
+
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(_Stop):
+        train_model(_config(data, out), stop_after_first_epoch)
+    events: list[dict] = []
+    resumed = train_model(_config(data, out, resume=True), events.append)
+    assert events[0]["start_epoch"] == 2
+    assert resumed.epochs_run == 1
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    # same seed, same data: the interrupted-and-resumed run ends where the uninterrupted one does
+    for key in ("loss", "rpn_cls", "cls"):
+        assert resumed.history[1][key] == pytest.approx(straight.history[1][key], rel=1e-4)
+    a, _ = load_checkpoint(straight.checkpoint)
+    b, _ = load_checkpoint(out)
+    if straight.best_epoch == resumed.best_epoch:
+        for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-5)
+    # a finished run resumed again has nothing left to do
+    again = train_model(_config(data, out, resume=True))
+    assert again.epochs_run == 0 and again.best_epoch == resumed.best_epoch
+
+
+def test_resume_without_state_is_a_clear_error(data: Path, tmp_path: Path) -> None:
+    from core.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no training state"):
+        train_model(_config(data, tmp_path / "none.safetensors", resume=True))
+
+
+def test_init_from_starts_from_the_given_weights(data: Path, tmp_path: Path) -> None:
+    first = train_model(_config(data, tmp_path / "a.safetensors", epochs=1))
+    second = train_model(_config(data, tmp_path / "b.safetensors", epochs=1, init_from=first.checkpoint))
+    assert read_metadata(second.checkpoint)["data_summary"]["init_from"] == str(first.checkpoint)
+    assert second.history[0]["loss"] < first.history[0]["loss"]
+
+
+def test_train_command(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli.safetensors"
+    proc = subprocess.run(
+        [str(CLI), "train", "--images", str(data / "train" / "images"), "--labels", str(data / "train" / "labels"),
+         "--epochs", "1", "--batch-size", "8", "--workers", "0", "--model-config", json.dumps(TINY), "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "best epoch 1" in proc.stdout
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["arch"] == "fast" and meta["model_config"]["widths"] == TINY["widths"]
+    assert meta["metrics"]["epoch"] == 1
+    assert meta["data_summary"]["val_images"] == 1  # 5% of 16, at least one
+
+
+def test_train_command_reports_bad_input(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(CLI), "train", "--images", str(tmp_path / "missing"), "--labels", str(tmp_path), "--out",
+         str(tmp_path / "x.safetensors")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "error" in proc.stderr and "missing" in proc.stderr
+    assert not (tmp_path / "x.safetensors").exists()
