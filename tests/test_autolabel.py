@@ -1,0 +1,153 @@
+"""Autolabelling: colour segmentation against synthetic truth and drawn cases, text-constrained detections, the
+folder run (seed layout that training reads, stale labels removed, reasons counted) and the command."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+from typer.testing import CliRunner
+
+from core.autolabel import autolabel, colour_boxes, match_text
+from core.cli import app
+from core.detector import Char, Prediction
+from core.formats import LabelledFolder, list_images, read_yolo_labels, text_from_filename
+from core.images import load_image
+from core.synth import generate
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """40 synthetic CAPTCHAs with exact boxes."""
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, 40, seed=11, workers=1, progress=False)
+    return root
+
+
+def truth(root: Path, path: Path) -> list[list[float]]:
+    with Image.open(path) as img:
+        size = img.size
+    boxes, _ = read_yolo_labels(root / "labels" / f"{path.stem}.txt", text_from_filename(path.name), *size)
+    return boxes
+
+
+def test_colour_boxes_find_the_synthetic_glyphs(synth: Path) -> None:
+    paths = list_images(synth / "images")
+    accepted = exact = 0
+    for path in paths:
+        text = text_from_filename(path.name)
+        boxes = colour_boxes(load_image(path), len(text))
+        if boxes is None:
+            continue
+        accepted += 1
+        assert len(boxes) == len(text)
+        iou = box_iou(torch.tensor(boxes), torch.tensor(truth(synth, path))).diagonal()
+        exact += bool((iou >= 0.7).all())
+    assert accepted >= 0.8 * len(paths)
+    assert exact >= 0.95 * accepted
+
+
+def drawn() -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+    """White canvas: an 'i' (stem and dot), a bar cut by a black line, two touching blocks of different colours,
+    a pale block; black lines across. Returns the image and the expected boxes, left to right."""
+    img = Image.new("RGB", (200, 60), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle((10, 25, 14, 49), fill=(200, 30, 30))  # i: stem
+    d.rectangle((10, 15, 14, 19), fill=(200, 30, 30))  # i: dot, 5 px above
+    d.rectangle((40, 10, 52, 49), fill=(30, 120, 200))  # bar, cut below
+    d.rectangle((70, 20, 89, 45), fill=(20, 160, 60))  # touching blocks
+    d.rectangle((90, 18, 109, 47), fill=(150, 60, 170))
+    d.rectangle((140, 22, 160, 44), fill=(250, 222, 255))  # pale
+    d.line((0, 30, 199, 30), fill=(0, 0, 0), width=1)  # crosses the bar, both blocks and the pale one
+    d.line((20, 59, 190, 0), fill=(0, 0, 0), width=1)
+    return img, [(10, 15, 15, 50), (40, 10, 53, 50), (70, 20, 90, 46), (90, 18, 110, 48), (140, 22, 161, 45)]
+
+
+def test_colour_boxes_merge_parts_split_colours_and_ignore_lines() -> None:
+    img, expected = drawn()
+    assert colour_boxes(img, 5) == [tuple(float(v) for v in box) for box in expected]
+    assert colour_boxes(np.asarray(img), 5) == colour_boxes(img, 5)  # arrays work too
+    assert colour_boxes(img, 4) is None and colour_boxes(img, 6) is None  # the count must be the text length
+    assert colour_boxes(Image.new("RGB", (50, 20), "white"), 1) is None
+
+
+def prediction(*chars: tuple[str, tuple[float, float, float, float], float]) -> Prediction:
+    return Prediction(
+        text="".join(c for c, _, _ in chars),
+        chars=tuple(Char(i, c, box, s) for i, (c, box, s) in enumerate(chars)),
+        score=sum(s for _, _, s in chars) / max(1, len(chars)),
+    )
+
+
+def test_match_text_keeps_detections_that_read_the_text() -> None:
+    a, b, c = (0, 0, 10, 20), (20, 0, 30, 20), (40, 0, 50, 20)
+    exact = prediction(("a", a, 0.9), ("b", b, 0.8), ("c", c, 0.7))
+    assert match_text(exact, "abc") == ([a, b, c], [0.9, 0.8, 0.7])
+    assert match_text(exact, "abd") is None  # a character misread
+    assert match_text(exact, "abcd") is None  # too few detections
+    # a second reading of the middle glyph is dropped; the better-scoring one of the two "b" boxes is kept
+    twice = prediction(("a", a, 0.9), ("b", (19, 0, 29, 20), 0.6), ("8", b, 0.55), ("b", (21, 0, 31, 20), 0.95),
+                       ("c", c, 0.7))  # fmt: skip
+    assert match_text(twice, "abc") == ([a, (21, 0, 31, 20), c], [0.9, 0.95, 0.7])
+    # an extra glyph elsewhere means the reading is not trusted
+    extra = prediction(("a", a, 0.9), ("b", b, 0.8), ("x", (60, 0, 70, 20), 0.9), ("c", c, 0.7))
+    assert match_text(extra, "abc") is None
+    assert match_text(prediction(), "a") is None
+
+
+@pytest.fixture()
+def folder(tmp_path: Path, synth: Path) -> Path:
+    """12 synthetic images, one without a text in its name, one corrupt, and a stale label file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in list_images(synth / "images")[:12]:
+        (images / path.name).write_bytes(path.read_bytes())
+    Image.new("RGB", (100, 40), "white").save(images / "noname.png")
+    (images / "abc-0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "abc-0.txt").write_text("0 0.5 0.5 0.1 0.1\n" * 3)
+    return tmp_path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_autolabel_writes_labels_that_training_reads(folder: Path, synth: Path, workers: int) -> None:
+    report = autolabel(folder / "images", folder / "labels", workers=workers)
+    assert report.images == 14
+    assert report.unlabelled["no text in file name"] == 1 and report.unlabelled["unreadable image"] == 1
+    assert len(report.labels) + sum(report.unlabelled.values()) == 14
+    assert len(report.labels) >= 9 and report.labelled == {"colour": len(report.labels)}
+    assert not (folder / "labels" / "abc-0.txt").exists()  # the stale label of an unlabelled image is gone
+
+    dataset = LabelledFolder(folder / "images", folder / "labels")
+    assert len(dataset) == len(report.labels)
+    assert set(dataset.skipped) == {"missing label file", "bad text", "unreadable image"}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        path = Path(item["path"])
+        assert item["labels"].tolist() == [int(c, 36) for c in item["text"]]
+        iou = box_iou(item["boxes"], torch.tensor(truth(synth, path))).diagonal()
+        assert (iou > 0.6).float().mean() >= 0.9
+
+
+def test_autolabel_command_reports_json_and_draws_samples(folder: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["autolabel", str(folder / "images"), "--out", str(folder / "labels"), "--workers", "1", "--json",
+         "--render-dir", str(folder / "pictures"), "--render", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["images"] == 14 and summary["labelled"] == summary["by_source"]["colour"]
+    assert summary["share"] == pytest.approx(summary["labelled"] / 14)
+    pictures = sorted((folder / "pictures").iterdir())
+    assert len(pictures) == 3 == len(summary["rendered"])
+    assert all(p.name.startswith("colour-") and Image.open(p).height > 80 for p in pictures)
+
+    result = CliRunner().invoke(app, ["autolabel", str(folder / "missing"), "--out", str(folder / "labels")])
+    assert result.exit_code == 1 and "not a folder" in result.output
