@@ -1,0 +1,250 @@
+"""Enqueueing: register image files as a job in the database, then send their ids and paths to the workers.
+
+Messages carry ``{"job_id": int, "images": [[image_id, path], ...]}`` (JSON, never image bytes), up to
+``Settings.paths_per_message`` paths each, all published over one broker connection. Files are registered and sent
+in chunks: each chunk is committed before its messages are sent, so a worker never receives an id the database does
+not have yet, and workers start on the first chunk while the rest is still being registered.
+
+If publishing fails, the images of that chunk and later ones that were not sent are marked ``failed`` with the
+broker's error, so nothing is left ``pending`` without a message; enqueueing the folder again picks them up.
+
+This module never imports torch: the task is sent by name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
+from core.config import get_settings, mask_url
+from producer.scan import scan
+
+REGISTER_CHUNK = 20_000
+
+
+class EnqueueError(RuntimeError):
+    """Enqueueing could not complete (broker unreachable, publishing failed); the message says what happened."""
+
+
+@dataclass(frozen=True)
+class EnqueueReport:
+    job_id: int
+    found: int  # image files found by the scan
+    enqueued: int  # registered in the job and sent to the workers
+    skipped: int  # unchanged files already pending or done (no --force)
+    messages: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WaitReport:
+    job_id: int
+    total: int
+    done: int
+    failed: int
+    pending: int
+    seconds: float  # from the first image enqueued to the last one finished (or waited, if unknown)
+
+    @property
+    def images_per_s(self) -> float:
+        finished = self.done + self.failed
+        return finished / self.seconds if self.seconds > 0 else 0.0
+
+
+def chunked(items: Sequence, size: int) -> Iterable[Sequence]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _progress(enabled: bool, description: str, total: int | None):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+    task = progress.add_task(description, total=total)
+    return progress, task
+
+
+def publish(
+    producer,
+    job_id: int,
+    images: Sequence[tuple[int, str]],
+    queue: str,
+    per_message: int,
+    on_sent: Callable[[int], None] | None = None,
+) -> int:
+    """Send ``images`` ((image_id, path) pairs) as ``worker.decode`` messages on ``queue``; returns messages sent.
+
+    ``producer`` is a kombu producer on an open connection, reused for every message. ``on_sent(n)`` is called
+    after each message with the number of paths it carried.
+    """
+    sent = 0
+    for group in chunked(images, per_message):
+        app.send_task(
+            DECODE_TASK,
+            kwargs={"job_id": job_id, "images": [[int(i), str(p)] for i, p in group]},
+            queue=queue,
+            producer=producer,
+        )
+        sent += 1
+        if on_sent is not None:
+            on_sent(len(group))
+    return sent
+
+
+def _mark_not_sent(session, image_ids: Sequence[int], reason: str) -> None:
+    import sqlalchemy as sa
+
+    from db.models import Image
+
+    now = datetime.now(timezone.utc)
+    for ids in chunked(list(image_ids), 1000):
+        session.execute(
+            sa.update(Image)
+            .where(Image.id.in_(ids), Image.status == "pending")
+            .values(status="failed", error=f"not enqueued: {reason}", finished_at=now)
+        )
+
+
+def enqueue(
+    roots: Iterable[str | Path],
+    *,
+    recursive: bool = False,
+    pattern: str | None = None,
+    job_name: str | None = None,
+    force: bool = False,
+    queue: str = DECODE_QUEUE,
+    paths_per_message: int | None = None,
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> EnqueueReport:
+    """Create a job for the images under ``roots`` and send them to the workers; see the module docstring.
+
+    Raises ``producer.scan.ScanError`` for a root that does not exist and ``EnqueueError`` when the broker cannot be
+    reached (nothing registered) or publishing fails midway (the unsent images are marked failed).
+    """
+    from db.repository import create_job, register_images
+    from db.session import session_factory
+
+    settings = get_settings()
+    per_message = paths_per_message or settings.paths_per_message
+    broker_url = broker_url or settings.broker_url
+    started = time.perf_counter()
+
+    rows = [(f.path, f.size, f.mtime_ns) for f in scan(roots, recursive=recursive, pattern=pattern, warn=warn)]
+
+    with app.connection_for_write(broker_url) as conn:
+        try:
+            conn.ensure_connection(max_retries=1)
+        except Exception as exc:  # kombu wraps every transport error differently
+            raise EnqueueError(f"cannot reach the broker at {mask_url(broker_url)}: {exc}") from exc
+
+        factory = session_factory(database_url)
+        bar, task = _progress(progress, "enqueue", len(rows))
+        enqueued = skipped = messages = 0
+        with factory() as session, bar, app.amqp.Producer(conn) as producer:
+            job = create_job(session, job_name)
+            session.commit()
+            job_id = job.id
+            for index, chunk in enumerate(chunked(rows, REGISTER_CHUNK)):
+                todo = register_images(session, job, chunk, force=force)
+                session.commit()
+                skipped += len(chunk) - len(todo)
+                bar.advance(task, len(chunk) - len(todo))
+                sent_paths = 0
+
+                def on_sent(n: int) -> None:
+                    nonlocal sent_paths
+                    sent_paths += n
+                    bar.advance(task, n)
+
+                try:
+                    messages += publish(producer, job_id, todo, queue, per_message, on_sent)
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    session.rollback()
+                    _mark_not_sent(session, [i for i, _ in todo[sent_paths:]], reason)
+                    session.commit()
+                    rest = max(0, len(rows) - (index + 1) * REGISTER_CHUNK)
+                    raise EnqueueError(
+                        f"publishing to {mask_url(broker_url)} failed after {enqueued + sent_paths} images of job "
+                        f"{job_id}: {reason}; {len(todo) - sent_paths} images marked failed, {rest} not registered. "
+                        "Enqueue the same folders again to retry them."
+                    ) from exc
+                enqueued += len(todo)
+
+    return EnqueueReport(
+        job_id=job_id,
+        found=len(rows),
+        enqueued=enqueued,
+        skipped=skipped,
+        messages=messages,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def wait_for_job(
+    job_id: int,
+    *,
+    database_url: str | None = None,
+    poll_s: float = 0.5,
+    timeout_s: float | None = None,
+    progress: bool = False,
+) -> WaitReport:
+    """Poll the database until every image of ``job_id`` is done or failed (or ``timeout_s`` passed).
+
+    Shows a progress bar of (done + failed) / total when ``progress``. Returns the final counts.
+    """
+    from db.repository import job_counts
+    from db.session import session_factory
+
+    factory = session_factory(database_url)
+    started = time.perf_counter()
+    bar, task = _progress(progress, f"job {job_id}", None)
+    with bar:
+        while True:
+            with factory() as session:
+                counts = job_counts(session, job_id)
+            finished = counts["done"] + counts["failed"]
+            bar.update(task, total=counts["total"], completed=finished)
+            if finished >= counts["total"]:
+                break
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                break
+            time.sleep(poll_s)
+
+    seconds = time.perf_counter() - started
+    first, last = counts.get("first_enqueued_at"), counts.get("last_finished_at")
+    if first is not None and last is not None and finished >= counts["total"]:
+        seconds = max((last - first).total_seconds(), 1e-6)
+    return WaitReport(
+        job_id=job_id,
+        total=counts["total"],
+        done=counts["done"],
+        failed=counts["failed"],
+        pending=counts["pending"],
+        seconds=seconds,
+    )
+
