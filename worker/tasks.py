@@ -1,0 +1,81 @@
+"""Celery tasks: thin wrappers around ``worker.decode``.
+
+The task object is created once per worker process; its ``runtime`` property loads the detector and opens the
+database on the first message that process receives (never in the parent before a fork, never within the 4 s
+``worker_process_init`` budget).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Task
+from celery.exceptions import Reject
+from sqlalchemy.exc import OperationalError
+
+from core.celery_app import DECODE_TASK, app
+from worker.decode import MessageError, decode_images, fail_all, parse_images
+from worker.runtime import Runtime, load_runtime
+
+log = logging.getLogger(__name__)
+
+
+class DecodeTask(Task):
+    """Task base class holding the per-process ``Runtime``."""
+
+    _runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None or self._runtime.pid != os.getpid():
+            self._runtime = load_runtime()
+        return self._runtime
+
+
+@app.task(
+    name=DECODE_TASK,
+    bind=True,
+    base=DecodeTask,
+    ignore_result=True,
+    acks_late=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=5,
+    retry_backoff_max=300,
+    max_retries=10,
+)
+def decode(self: DecodeTask, job_id: int, images: list) -> dict:
+    """Decode one message's images (``[[image_id, path], ...]`` of job ``job_id``) and record the outcomes."""
+    try:
+        items = parse_images(images)
+    except MessageError as exc:
+        log.error("job %s: rejecting malformed message: %s", job_id, exc)
+        raise Reject(str(exc), requeue=False) from exc
+    try:
+        rt = self.runtime
+    except Exception as exc:
+        reason = f"worker could not load the detector: {type(exc).__name__}: {exc}"
+        log.exception("job %s: %s", job_id, reason)
+        fail_all(items, reason)
+        raise
+    summary = decode_images(
+        items,
+        rt.detector,
+        rt.sessions,
+        rt.batch_size,
+        max_pixels=rt.max_pixels,
+        max_width=rt.max_width,
+        allowed_roots=rt.allowed_roots,
+    )
+    n = max(1, len(items))
+    log.info(
+        "job %s: %d images, %d done, %d failed; load %.1f ms/img, infer %.1f ms/img, write %.1f ms/img",
+        job_id,
+        len(items),
+        summary.done,
+        summary.failed,
+        summary.load_ms / n,
+        summary.infer_ms / n,
+        summary.write_ms / n,
+    )
+    return {"done": summary.done, "failed": summary.failed}
