@@ -62,6 +62,8 @@ def chunked(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _progress(enabled: bool, description: str, total: int | None):
+    """A rich progress bar on stderr (stdout carries only results, e.g. the job id)."""
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -79,6 +81,7 @@ def _progress(enabled: bool, description: str, total: int | None):
         TaskProgressColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),
         disable=not enabled,
     )
     task = progress.add_task(description, total=total)

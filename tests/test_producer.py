@@ -1,0 +1,250 @@
+"""The producer: directory scanning, registration + publishing to a real Redis, and staying free of torch."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from producer.enqueue import EnqueueError, enqueue
+from producer.scan import ScanError, scan
+
+PNG_1x1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
+)
+
+
+def touch_images(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        path = folder / name
+        path.write_bytes(PNG_1x1)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scanning
+
+
+def test_scan_keeps_supported_images_with_size_and_mtime(tmp_path):
+    touch_images(tmp_path, ["b-0.png", "a-0.PNG", "c-0.jpg", "notes.txt", "d-0.webp"])
+    (tmp_path / "sub").mkdir()
+    touch_images(tmp_path / "sub", ["e-0.png"])
+    found = list(scan([tmp_path]))
+    assert [Path(f.path).name for f in found] == ["a-0.PNG", "b-0.png", "c-0.jpg", "d-0.webp"]
+    assert all(os.path.isabs(f.path) for f in found)
+    st = os.stat(tmp_path / "b-0.png")
+    assert (found[1].size, found[1].mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert [Path(f.path).name for f in scan([tmp_path], recursive=True)][-1] == "e-0.png"
+
+
+def test_scan_pattern_matches_names_or_relative_paths(tmp_path):
+    touch_images(tmp_path, ["ab-0.png", "ab-1.png", "cd-0.png"])
+    touch_images(tmp_path / "x", ["ef-0.png"])
+    assert [Path(f.path).name for f in scan([tmp_path], recursive=True, pattern="*-0.png")] == [
+        "ab-0.png", "cd-0.png", "ef-0.png"
+    ]  # fmt: skip
+    assert [Path(f.path).name for f in scan([tmp_path], recursive=True, pattern="x/*")] == ["ef-0.png"]
+
+
+def test_scan_skips_symlink_loops_and_second_routes_with_a_warning(tmp_path):
+    root = tmp_path / "root"
+    touch_images(root / "a", ["x-0.png"])
+    touch_images(root / "b", ["y-0.png"])
+    (root / "a" / "loop").symlink_to(root)  # leads back to an ancestor
+    (root / "b" / "again").symlink_to(root / "a")  # the same files by another path
+    (root / "dangling-0.png").symlink_to(tmp_path / "missing.png")
+    warnings: list[str] = []
+    found = [Path(f.path).relative_to(root).as_posix() for f in scan([root], recursive=True, warn=warnings.append)]
+    assert found == ["a/x-0.png", "b/y-0.png"]
+    assert any("loop" in w and "a/loop" in w for w in warnings)
+    assert any("already scanned" in w and "b/again" in w for w in warnings)
+    assert any("dangling-0.png" in w for w in warnings)
+    # the same root twice, or a root inside a scanned one, registers nothing twice
+    assert len(list(scan([root, root / "a"], recursive=True, warn=warnings.append))) == 2
+
+
+def test_scan_refuses_a_missing_root(tmp_path):
+    with pytest.raises(ScanError, match="cannot read"):
+        list(scan([tmp_path / "nope"]))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ScanError, match="not a directory or a supported image"):
+        list(scan([tmp_path / "file.txt"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# enqueueing into a real Redis and a real database
+
+
+def queued(redis_url: str, queue: str) -> list[dict]:
+    """The messages waiting in ``queue``: headers and the decoded (args, kwargs)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.lrange(queue, 0, -1)
+    finally:
+        client.close()
+    messages = []
+    for item in reversed(raw):  # kombu LPUSHes: the oldest is last
+        envelope = json.loads(item)
+        assert envelope["content-type"] == "application/json"
+        args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        messages.append({"task": envelope["headers"]["task"], "args": args, "kwargs": kwargs})
+    return messages
+
+
+def db_images(url: str) -> list[tuple[int, int, str, str, str | None]]:
+    from db.models import Image
+    from db.session import session_factory
+
+    with session_factory(url)() as session:
+        return [
+            (r.id, r.job_id, r.path, r.status, r.error)
+            for r in session.scalars(sa.select(Image).order_by(Image.id))
+        ]
+
+
+@pytest.fixture()
+def db(sqlite_url) -> str:
+    from db.session import upgrade
+
+    upgrade(sqlite_url)
+    return sqlite_url
+
+
+@pytest.fixture()
+def queue(redis_url):
+    import redis
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    client.delete(name, *client.keys(f"_kombu.binding*.{name}"))
+    client.close()
+
+
+def test_enqueue_registers_and_sends_ids_and_paths_in_groups(tmp_path, db, redis_url, queue):
+    paths = touch_images(tmp_path / "in", [f"img{i:03d}-0.png" for i in range(150)])
+    report = enqueue([tmp_path / "in"], job_name="t", queue=queue, paths_per_message=64,
+                     database_url=db, broker_url=redis_url)  # fmt: skip
+    assert (report.found, report.enqueued, report.skipped, report.messages) == (150, 150, 0, 3)
+
+    messages = queued(redis_url, queue)
+    assert [m["task"] for m in messages] == ["worker.decode"] * 3
+    assert [len(m["kwargs"]["images"]) for m in messages] == [64, 64, 22]
+    assert all(m["args"] == [] and m["kwargs"]["job_id"] == report.job_id for m in messages)
+    sent = [tuple(pair) for m in messages for pair in m["kwargs"]["images"]]
+    registered = db_images(db)
+    assert sent == [(image_id, path) for image_id, _, path, _, _ in registered]
+    assert [p for _, p in sent] == [str(p) for p in paths]
+    assert {status for *_, status, _ in registered} == {"pending"}
+
+
+def test_reenqueue_skips_unchanged_files_unless_forced_or_changed(tmp_path, db, redis_url, queue):
+    from db.models import Image
+    from db.session import session_factory
+
+    paths = touch_images(tmp_path / "in", [f"img{i}-0.png" for i in range(5)])
+    first = enqueue([tmp_path / "in"], queue=queue, database_url=db, broker_url=redis_url)
+    with session_factory(db)() as session, session.begin():
+        session.execute(sa.update(Image).values(status="done"))
+
+    again = enqueue([tmp_path / "in"], queue=queue, database_url=db, broker_url=redis_url)
+    assert (again.enqueued, again.skipped, again.messages) == (0, 5, 0)
+    assert len(queued(redis_url, queue)) == 1
+
+    os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed file is decoded again
+    changed = enqueue([tmp_path / "in"], queue=queue, database_url=db, broker_url=redis_url)
+    assert (changed.enqueued, changed.skipped) == (1, 4)
+    assert queued(redis_url, queue)[-1]["kwargs"]["images"][0][1] == str(paths[2])
+
+    forced = enqueue([tmp_path / "in"], force=True, queue=queue, database_url=db, broker_url=redis_url)
+    assert (forced.enqueued, forced.skipped) == (5, 0)
+    assert len({job for _, job, *_ in db_images(db)}) == 3
+    assert first.job_id != forced.job_id
+
+
+def test_unreachable_broker_is_a_clear_error_and_registers_nothing(tmp_path, db):
+    touch_images(tmp_path / "in", ["a-0.png"])
+    with pytest.raises(EnqueueError, match="cannot reach the broker"):
+        enqueue([tmp_path / "in"], database_url=db, broker_url="redis://127.0.0.1:1/0")
+    assert db_images(db) == []
+
+
+def test_publishing_failure_marks_unsent_images_failed_and_a_rerun_retries_them(
+    tmp_path, db, redis_url, queue, monkeypatch
+):
+    from core.celery_app import app
+
+    touch_images(tmp_path / "in", [f"img{i:02d}-0.png" for i in range(10)])
+    real_send = app.send_task
+    calls = []
+
+    def flaky_send(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ConnectionError("connection reset by peer")
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", flaky_send)
+    with pytest.raises(EnqueueError, match="6 images of job .*4 images marked failed"):
+        enqueue([tmp_path / "in"], queue=queue, paths_per_message=3, database_url=db, broker_url=redis_url)
+    rows = db_images(db)
+    assert [status for *_, status, _ in rows] == ["pending"] * 6 + ["failed"] * 4
+    assert all("not enqueued" in error and "connection reset" in error for *_, error in rows[6:])
+    monkeypatch.setattr(app, "send_task", real_send)
+
+    retry = enqueue([tmp_path / "in"], queue=queue, paths_per_message=3, database_url=db, broker_url=redis_url)
+    assert (retry.enqueued, retry.skipped) == (4, 6)
+    assert len(queued(redis_url, queue)) == 2 + 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_enqueue_command_prints_the_job_id(tmp_path, db, redis_url, queue):
+    touch_images(tmp_path / "in", ["a-0.png", "b-0.png"])
+    env = {"CAPTCHA_DATABASE_URL": db, "CAPTCHA_BROKER_URL": redis_url}
+    done = run_cli("enqueue", str(tmp_path / "in"), "--queue", queue, "--job", "cli", env=env)
+    assert done.returncode == 0, done.stderr
+    job_id = int(done.stdout.strip())
+    assert "2 images enqueued in 1 messages" in done.stderr
+    assert queued(redis_url, queue)[0]["kwargs"]["job_id"] == job_id
+
+    missing = run_cli("enqueue", str(tmp_path / "nope"), "--queue", queue, env=env)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr and missing.stdout == ""
+
+
+def test_producer_and_cli_do_not_import_torch():
+    code = (
+        "import sys, producer.enqueue, producer.scan, core.cli\n"
+        "sys.argv = ['captcha-queue', '--help']\n"
+        "try:\n    core.cli.main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'numpy', 'worker.tasks') if m in sys.modules))\n"
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    # generous bound: the help screen must stay an interpreter start plus typer, not a torch import
+    assert elapsed < 5.0

@@ -1,0 +1,340 @@
+"""The worker side in-process: message validation, batch planning, decoding into a real database, the Celery task.
+
+Decoding runs a real (small) detector on synthetic CAPTCHAs and writes to a real SQLite database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
+from worker.decode import (
+    CPU_CALL_COST,
+    MessageError,
+    decode_images,
+    parse_images,
+    plan_batches,
+    plan_groups,
+)
+from worker.main import WorkerConfigError, worker_argv
+
+
+def small_checkpoint(directory: Path) -> Path:
+    """The shipped checkpoint if present, else a seeded random ``fast`` model whose classifier is sharpened so that
+    it emits characters (a random model decodes deterministically, which is all these tests compare)."""
+    from core.checkpoint import default_checkpoint_path, save_checkpoint
+
+    shipped = default_checkpoint_path()
+    if shipped.exists():
+        return shipped
+    import torch
+
+    from core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fast")
+    with torch.no_grad():
+        model.box_head.cls.weight.normal_(0.0, 50.0)
+        model.box_head.cls.bias[-1] = -20.0
+    return save_checkpoint(model, directory / "random.safetensors", {"version": "test-random"})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return small_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint):
+    from core.detector import Detector
+
+    return Detector.load(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def captchas(tmp_path_factory) -> list[Path]:
+    from core.synth import generate
+
+    out = tmp_path_factory.mktemp("captchas")
+    generate(out, 16, seed=3, workers=1, progress=False)
+    return sorted((out / "images").glob("*.png"))
+
+
+def make_db(url: str, paths: list[str]) -> list[tuple[int, str]]:
+    from db.repository import create_job, register_images
+    from db.session import session_factory, upgrade
+
+    upgrade(url)
+    with session_factory(url)() as session:
+        job = create_job(session, "test")
+        todo = register_images(session, job, [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths])
+        session.commit()
+    return todo
+
+
+def rows(url: str) -> dict[str, dict]:
+    """Per path: status, error, model_version, and the result's text and characters."""
+    from db.models import Character, Image, Result
+    from db.session import session_factory
+
+    out = {}
+    with session_factory(url)() as session:
+        for image in session.scalars(sa.select(Image)):
+            result = session.scalar(
+                sa.select(Result).where(Result.image_id == image.id, Result.model_version == image.model_version)
+            )
+            chars = []
+            if result is not None:
+                chars = session.scalars(
+                    sa.select(Character).where(Character.result_id == result.id).order_by(Character.index)
+                ).all()
+            out[image.path] = {
+                "status": image.status,
+                "error": image.error,
+                "version": image.model_version,
+                "text": result.text if result else None,
+                "width": result.width if result else None,
+                "chars": [(c.index, c.char, (c.x1, c.y1, c.x2, c.y2)) for c in chars],
+            }
+    return out
+
+
+def reference_texts(detector, items: list[tuple[int, str]], batch_size: int) -> dict[str, str]:
+    """What ``Detector.predict`` decodes in-process for the same inference groups the worker forms.
+
+    Predictions depend on which images share a padded batch, so the reference predicts the same groups.
+    """
+    from core.images import ImageError, load_image
+
+    texts = {}
+    for batch in plan_batches(items, batch_size, CPU_CALL_COST):
+        for group in batch:
+            readable = []
+            for i in group:
+                try:
+                    readable.append((items[i][1], load_image(items[i][1])))
+                except ImageError:
+                    pass
+            if readable:
+                for (path, _), pred in zip(readable, detector.predict([im for _, im in readable], batch_size=len(readable))):
+                    texts[path] = pred.text
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# messages and planning
+
+
+def test_parse_images_accepts_pairs_and_rejects_anything_else():
+    assert parse_images([[1, "/a.png"], [2, "/b.png"]]) == [(1, "/a.png"), (2, "/b.png")]
+    assert parse_images([]) == []
+    for bad in ("/a.png", [[1]], [["1", "/a.png"]], [[True, "/a.png"]], [[1, b"/a.png"]], [[1, "/a", 3]], None):
+        with pytest.raises(MessageError):
+            parse_images(bad)
+
+
+def _cost(aspects, groups, call_cost):
+    return sum((end - start) * aspects[end - 1] + call_cost for start, end in groups)
+
+
+def test_plan_groups_is_the_cheapest_split_and_respects_batch_size():
+    rng = random.Random(0)
+    for trial in range(30):
+        n = rng.randint(1, 9)
+        batch_size = rng.randint(1, 5)
+        aspects = sorted(rng.uniform(1.5, 10.0) for _ in range(n))
+        groups = plan_groups(aspects, batch_size, CPU_CALL_COST)
+        assert groups[0][0] == 0 and groups[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        assert all(0 < end - start <= batch_size for start, end in groups)
+        # exhaustive search over every split into consecutive groups
+        best = math.inf
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            split = list(zip(bounds, bounds[1:]))
+            if all(end - start <= batch_size for start, end in split):
+                best = min(best, _cost(aspects, split, CPU_CALL_COST))
+        assert _cost(aspects, groups, CPU_CALL_COST) == pytest.approx(best)
+
+
+def test_plan_groups_separates_widths_on_cpu_and_fills_batches_when_calls_are_expensive():
+    aspects = [2.0] * 10 + [9.0] * 10
+    assert plan_groups(aspects, 32, CPU_CALL_COST) == [(0, 10), (10, 20)]
+    assert plan_groups(aspects, 32, 1000.0) == [(0, 20)]
+    full = plan_groups([5.0] * 70, 32, 1000.0)
+    assert len(full) == 3 and all(end - start <= 32 for start, end in full)
+
+
+def test_plan_batches_covers_every_image_once_in_batches_of_at_most_batch_size(captchas, tmp_path):
+    broken = tmp_path / "broken-0.png"
+    broken.write_bytes(b"not a png")
+    items = [(i, str(p)) for i, p in enumerate(captchas)] + [(99, str(broken))]
+    batches = plan_batches(items, 8, CPU_CALL_COST)
+    flat = [i for batch in batches for group in batch for i in group]
+    assert sorted(flat) == list(range(len(items)))
+    assert all(sum(len(g) for g in batch) <= 8 for batch in batches)
+    assert flat[0] == len(items) - 1  # unreadable header: aspect 0, planned first (and failed on load)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding into a database
+
+
+def test_decode_writes_every_image_one_transaction_per_batch(detector, captchas, tmp_path, sqlite_url):
+    from db.session import make_engine, session_factory
+
+    broken = tmp_path / "truncated-0.png"
+    broken.write_bytes(captchas[0].read_bytes()[:200])
+    empty = tmp_path / "empty-0.png"
+    empty.write_bytes(b"")
+    paths = [str(p) for p in captchas] + [str(broken), str(empty)]
+    items = make_db(sqlite_url, paths)
+    expected = reference_texts(detector, items, batch_size=8)
+
+    commits = []
+    sa.event.listen(make_engine(sqlite_url), "commit", lambda conn: commits.append(1))
+    summary = decode_images(
+        items, detector, session_factory(sqlite_url), 8, max_pixels=4_000_000, max_width=4096
+    )
+
+    assert (summary.done, summary.failed) == (len(captchas), 2)
+    assert len(commits) == len(plan_batches(items, 8, CPU_CALL_COST)) >= 3
+    got = rows(sqlite_url)
+    assert {p: r["text"] for p, r in got.items() if r["status"] == "done"} == expected
+    assert any(expected.values())  # the model does emit characters
+    assert got[str(broken)]["status"] == "failed" and "truncated" in got[str(broken)]["error"]
+    assert got[str(empty)]["status"] == "failed" and "empty file" in got[str(empty)]["error"]
+    for path in map(str, captchas):
+        row = got[path]
+        assert row["version"] == detector.version
+        assert "".join(c for _, c, _ in row["chars"]) == row["text"]
+        assert [i for i, _, _ in row["chars"]] == list(range(len(row["text"])))
+        assert all(0 <= x1 <= x2 <= row["width"] for _, _, (x1, _, x2, _) in row["chars"])
+
+
+def test_redelivered_message_rewrites_rows_without_duplicates(detector, captchas, sqlite_url):
+    from db.models import Character, Result
+    from db.session import session_factory
+
+    items = make_db(sqlite_url, [str(p) for p in captchas[:6]])
+    sessions = session_factory(sqlite_url)
+    for _ in range(2):
+        decode_images(items, detector, sessions, 4, max_pixels=4_000_000, max_width=4096)
+    first = rows(sqlite_url)
+    with sessions() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Result)) == 6
+        n_chars = session.scalar(sa.select(sa.func.count()).select_from(Character))
+    assert n_chars == sum(len(r["chars"]) for r in first.values())
+
+
+def test_paths_outside_allowed_roots_fail_with_reason(detector, captchas, tmp_path, sqlite_url):
+    from db.session import session_factory
+
+    items = make_db(sqlite_url, [str(captchas[0])])
+    decode_images(
+        items, detector, session_factory(sqlite_url), 4, max_pixels=4_000_000, max_width=4096,
+        allowed_roots=(tmp_path.resolve(),),
+    )  # fmt: skip
+    row = rows(sqlite_url)[str(captchas[0])]
+    assert row["status"] == "failed" and "allowed roots" in row["error"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Celery task, run in this process
+
+
+@pytest.fixture()
+def task_env(monkeypatch, checkpoint, sqlite_url):
+    from core.config import get_settings
+    from worker.tasks import decode
+
+    monkeypatch.setenv("CAPTCHA_CHECKPOINT", str(checkpoint))
+    monkeypatch.setenv("CAPTCHA_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("CAPTCHA_DEVICE", "cpu")
+    monkeypatch.setenv("CAPTCHA_BATCH_SIZE", "4")
+    get_settings.cache_clear()
+    decode._runtime = None
+    yield decode
+    decode._runtime = None
+    get_settings.cache_clear()
+
+
+def test_task_loads_the_detector_once_per_process_and_records_outcomes(task_env, captchas, sqlite_url):
+    items = make_db(sqlite_url, [str(p) for p in captchas[:5]])
+    decode = task_env
+    assert decode.name == DECODE_TASK
+    assert decode._runtime is None  # nothing loaded at import or registration
+    result = decode.apply(kwargs={"job_id": 1, "images": [list(x) for x in items[:3]]})
+    assert result.get() == {"done": 3, "failed": 0}
+    runtime = decode._runtime
+    assert runtime is not None and runtime.batch_size == 4
+    decode.apply(kwargs={"job_id": 1, "images": [list(x) for x in items[3:]]}).get()
+    assert decode._runtime is runtime
+    assert {r["status"] for r in rows(sqlite_url).values()} == {"done"}
+
+
+def test_task_rejects_a_malformed_message(task_env):
+    from celery.exceptions import Reject
+
+    result = task_env.apply(kwargs={"job_id": 1, "images": "/etc/passwd"})
+    assert isinstance(result.result, Reject)
+
+
+def test_task_marks_images_failed_when_the_detector_cannot_load(task_env, monkeypatch, tmp_path, captchas, sqlite_url):
+    from core.config import get_settings
+
+    items = make_db(sqlite_url, [str(p) for p in captchas[:2]])
+    monkeypatch.setenv("CAPTCHA_CHECKPOINT", str(tmp_path / "missing.safetensors"))
+    get_settings.cache_clear()
+    result = task_env.apply(kwargs={"job_id": 1, "images": [list(x) for x in items]})
+    assert result.failed()
+    got = rows(sqlite_url)
+    assert {r["status"] for r in got.values()} == {"failed"}
+    assert all("could not load the detector" in r["error"] for r in got.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_celery_configuration_is_json_only_with_late_acks():
+    conf = app.conf
+    assert conf.task_serializer == conf.result_serializer == "json"
+    assert list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] >= 600
+    assert conf.broker_connection_retry_on_startup
+    assert conf.task_ignore_result
+    assert app.amqp.router.route({}, DECODE_TASK)["queue"].name == DECODE_QUEUE
+    assert app.amqp.router.route({}, "worker.train")["queue"].name == "train"
+
+
+def test_worker_argv_picks_the_pool_and_refuses_several_processes_per_gpu():
+    assert "--pool=solo" in worker_argv(concurrency=1, device="cpu")
+    assert "--pool=prefork" in worker_argv(concurrency=2, device="cpu")
+    argv = worker_argv(queues="decode,extra", concurrency=1, device="cuda:1")
+    assert "--pool=solo" in argv and "--queues=decode,extra" in argv
+    with pytest.raises(WorkerConfigError, match="one worker per GPU"):
+        worker_argv(concurrency=2, device="cuda:0")
+    with pytest.raises(WorkerConfigError):
+        worker_argv(concurrency=2, pool="solo")
+
+
+def test_torch_threads_split_the_cores_between_processes(monkeypatch):
+    from core.config import Settings
+    from worker.runtime import torch_threads
+
+    monkeypatch.delenv("CAPTCHA_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert torch_threads(Settings(), 1) == 16
+    assert torch_threads(Settings(), 4) == 4
+    assert torch_threads(Settings(), 32) == 1
+    assert torch_threads(Settings(torch_threads=3), 4) == 3
