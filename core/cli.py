@@ -509,6 +509,87 @@ def render(
     typer.echo(f"{written}: '{row['text']}' ({source})")
 
 
+@app.command()
+def enqueue(
+    dirs: list[Path] = typer.Argument(..., help="Folders (or single image files) to decode."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (symlink loops skipped)."),
+    pattern: Optional[str] = typer.Option(
+        None, help="Glob on file names, e.g. '*-0.png' (on paths relative to each folder when it contains '/')."
+    ),
+    job: Optional[str] = typer.Option(None, "--job", help="Name stored with the job."),
+    force: bool = typer.Option(False, help="Decode again files already pending or done with the same size and mtime."),
+    wait: bool = typer.Option(False, help="Show progress until every image is done or failed, then a summary."),
+    queue: str = typer.Option("decode", help="Broker queue to send to (workers consume it with --queues)."),
+) -> None:
+    """Register the images of DIRS as a job and send their paths to the workers; prints the job id."""
+    from rich.console import Console
+
+    from db.session import upgrade
+    from producer.enqueue import EnqueueError, enqueue as enqueue_images, wait_for_job
+    from producer.scan import ScanError
+
+    console = Console(stderr=True)
+    upgrade()  # a no-op on a current schema; lets a fresh SQLite file work without `db upgrade`
+    try:
+        report = enqueue_images(
+            dirs, recursive=recursive, pattern=pattern, job_name=job, force=force, queue=queue, progress=True,
+            warn=lambda message: console.print(f"[yellow]warning:[/] {message}"),
+        )  # fmt: skip
+    except (ScanError, EnqueueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"job {report.job_id}: {report.enqueued} images enqueued in {report.messages} messages "
+        f"({report.skipped} unchanged skipped, {report.found} found) in {report.seconds:.1f} s"
+    )
+    typer.echo(report.job_id)
+    if wait:
+        waited = wait_for_job(report.job_id, progress=True)
+        console.print(
+            f"job {report.job_id}: {waited.done} done, {waited.failed} failed of {waited.total}; "
+            f"{waited.images_per_s:.1f} images/s"
+        )
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("decode", help="Comma-separated queues to consume."),
+    concurrency: int = typer.Option(1, min=1, help="Worker processes (CPU). A CUDA worker runs exactly one."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N (default: CAPTCHA_DEVICE)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Images per inference batch (default: CAPTCHA_BATCH_SIZE)."),
+    pool: str = typer.Option("auto", help="auto (solo for one process, else prefork) | solo | prefork | threads."),
+    loglevel: str = typer.Option("info", help="debug | info | warning | error."),
+    hostname: Optional[str] = typer.Option(None, help="Celery node name (default: decode-<pid>@<host>)."),
+) -> None:
+    """Start a Celery worker that decodes images from the queue (the detector loads on the first message)."""
+    from worker.main import WorkerConfigError, start_worker
+
+    try:
+        start_worker(queues, concurrency, device, batch_size, pool, loglevel, hostname)
+    except WorkerConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("out/demo"), help="Scratch folder (recreated): images, database, worker log."),
+    count: int = typer.Option(200, min=1, help="Synthetic CAPTCHAs to decode."),
+    seed: int = typer.Option(0, help="Seed of the synthetic images."),
+    concurrency: int = typer.Option(1, min=1, help="Worker processes."),
+    device: str = typer.Option("cpu", help="Device of the worker: cpu | auto | cuda:N."),
+) -> None:
+    """Run the whole pipeline locally: synthesise CAPTCHAs, start Redis if needed and a worker, decode, report."""
+    from producer.demo import run_demo
+    from producer.local_redis import RedisUnavailable
+
+    try:
+        run_demo(workdir, count=count, seed=seed, concurrency=concurrency, device=device)
+    except RedisUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     app()
 
