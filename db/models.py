@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.0 typed models: jobs, the images they register, decoding results and their characters, model versions.
+"""SQLAlchemy 2.0 typed models: jobs, the images they register, decoding results and their characters, model
+versions, retraining runs and worker model events.
 
 One ``Image`` row per (job, path). A decoded image has one ``Result`` per model version that decoded it (a
 redelivered batch overwrites its row), and each result owns its ``Character`` rows (boxes are x1, y1, x2, y2 in
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -39,7 +41,8 @@ NAMING_CONVENTION = {
 }
 
 IMAGE_STATUSES = ("pending", "done", "failed")
-MODEL_STATUSES = ("training", "ready", "champion", "retired")
+MODEL_STATUSES = ("ready", "champion", "retired")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed")
 
 
 def utcnow() -> datetime:
@@ -164,5 +167,54 @@ class ModelVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     data_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="training", index=True)
+    status: Mapped[str] = mapped_column(String(16), default="ready", index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when it last became champion
+    task_id: Mapped[str | None] = mapped_column(String(64))  # the training task that produced it
+
+    @property
+    def version(self) -> str:
+        """The version string workers record in ``Result.model_version`` (``v<number>``)."""
+        return f"v{self.number}"
+
+
+class TrainingRun(Base):
+    """One retraining task, from the moment it is sent: its progress while it runs and what it produced.
+
+    ``task_id`` is unique: a redelivered message for a run already claimed is skipped. ``version`` is the number
+    of the ``ModelVersion`` it published (None until it succeeds).
+    """
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epochs: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the last epoch's losses and accuracy
+    version: Mapped[int | None] = mapped_column(Integer)
+    promoted: Mapped[bool | None] = mapped_column(Boolean)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))  # hostname:pid that ran it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WorkerEvent(Base):
+    """What a worker process did with its detector: ``load`` (first model), ``switch`` (hot reload to a new
+    champion) or ``refused`` (a champion whose file is missing or does not match its sha256)."""
+
+    __tablename__ = "worker_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(String(16))
+    old_version: Mapped[str | None] = mapped_column(String(64))
+    new_version: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)

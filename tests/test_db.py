@@ -51,7 +51,8 @@ def test_migrated_schema_matches_models(db_url):
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         tables = set(sa.inspect(conn).get_table_names())
     assert diff == []
-    assert {"jobs", "images", "results", "characters", "model_versions", "alembic_version"} <= tables
+    assert {"jobs", "images", "results", "characters", "model_versions", "training_runs", "worker_events",
+            "alembic_version"} <= tables
 
 
 def test_upgrade_is_idempotent_and_runs_from_any_cwd(tmp_path, monkeypatch):
@@ -60,7 +61,7 @@ def test_upgrade_is_idempotent_and_runs_from_any_cwd(tmp_path, monkeypatch):
     upgrade(url)
     upgrade(url)
     with make_engine(url).connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
     dispose_engines()
 
 
