@@ -37,6 +37,10 @@ class CeleryConfig:
 
     broker_url = get_settings().broker_url
     broker_connection_retry_on_startup = True
+    broker_connection_max_retries = None  # a worker waits for its broker forever instead of exiting
+    # a producer whose broker restarts reconnects and publishes again (0 s, 0.5 s, ... at most 2 s apart, about 50 s)
+    task_publish_retry = True
+    task_publish_retry_policy = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
     broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 
     task_serializer = "json"

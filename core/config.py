@@ -6,12 +6,14 @@ SQLite in the working directory, Redis on localhost, the checkpoint shipped in t
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -29,13 +31,24 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     batch_size: int = Field(32, ge=1, description="Images per inference batch in a worker")
     paths_per_message: int = Field(64, ge=1, description="Image paths carried by one broker message")
-    allowed_roots: list[Path] = Field(
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories images may be read from (JSON list or comma-separated); empty = anywhere",
     )
     max_image_pixels: int = Field(4_000_000, ge=1, description="Images with more pixels are refused")
     max_image_width: int = Field(4096, ge=1, description="Images wider than this are refused")
     torch_threads: int | None = Field(None, description="Intra-op threads per worker process (default: cores/processes)")
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        """Accept a JSON list or a comma-separated string of directories."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
 
 @lru_cache(maxsize=1)

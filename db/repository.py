@@ -300,3 +300,20 @@ def job_counts(session: Session, job_id: int | None = None) -> dict[str, Any]:
         if last is not None and (counts["last_finished_at"] is None or last > counts["last_finished_at"]):
             counts["last_finished_at"] = last
     return counts
+
+
+def fail_pending(session: Session, image_ids: Sequence[int], reason: str) -> int:
+    """Mark those of ``image_ids`` still pending as failed with ``reason`` (finished ones keep their outcome).
+
+    Returns the number of images marked.
+    """
+    marked = 0
+    now = utcnow()
+    for chunk in _chunks(image_ids, REGISTER_CHUNK):
+        result = session.execute(
+            update(Image)
+            .where(Image.id.in_(chunk), Image.status == "pending")
+            .values(status="failed", error=reason, finished_at=now)
+        )
+        marked += result.rowcount
+    return marked

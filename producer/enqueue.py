@@ -1,6 +1,7 @@
 """Enqueueing: register image files as a job in the database, then send their ids and paths to the workers.
 
-Messages carry ``{"job_id": int, "images": [[image_id, path], ...]}`` (JSON, never image bytes), up to
+Messages carry ``{"job_id": int, "images": [[image_id, path], ...]}`` (JSON, never image bytes; paths in the text
+form of ``core.paths.path_to_text``, as stored in the database), up to
 ``Settings.paths_per_message`` paths each, all published over one broker connection. Files are registered and sent
 in chunks: each chunk is committed before its messages are sent, so a worker never receives an id the database does
 not have yet, and workers start on the first chunk while the rest is still being registered.
@@ -13,6 +14,7 @@ This module never imports torch: the task is sent by name.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
 from core.config import get_settings, mask_url
-from producer.scan import scan
+from core.paths import is_allowed, path_to_text, resolve_roots
+from producer.scan import ScannedFile, scan
 
 REGISTER_CHUNK = 20_000
 
@@ -88,6 +91,17 @@ def _progress(enabled: bool, description: str, total: int | None):
     return progress, task
 
 
+def check_allowed(files: Sequence[ScannedFile], allowed: Sequence[Path]) -> None:
+    """Raise ``EnqueueError`` naming the files that resolve (symbolic links followed) outside ``allowed``."""
+    outside = [f.path for f in files if not is_allowed(f.path, allowed)]
+    if outside:
+        examples = "; ".join(f"{path_to_text(p)} -> {path_to_text(os.path.realpath(p))}" for p in outside[:3])
+        raise EnqueueError(
+            f"{len(outside)} of {len(files)} images lie outside the allowed roots "
+            f"({', '.join(str(r) for r in allowed)}; CAPTCHA_ALLOWED_ROOTS), e.g. {examples}. Nothing was enqueued."
+        )
+
+
 def publish(
     producer,
     job_id: int,
@@ -145,8 +159,9 @@ def enqueue(
 ) -> EnqueueReport:
     """Create a job for the images under ``roots`` and send them to the workers; see the module docstring.
 
-    Raises ``producer.scan.ScanError`` for a root that does not exist and ``EnqueueError`` when the broker cannot be
-    reached (nothing registered) or publishing fails midway (the unsent images are marked failed).
+    Raises ``producer.scan.ScanError`` for a root that does not exist and ``EnqueueError`` when an image resolves
+    outside ``Settings.allowed_roots`` or the broker cannot be reached (nothing registered in both cases), or when
+    publishing fails midway (the unsent images are marked failed).
     """
     from db.repository import create_job, register_images
     from db.session import session_factory
@@ -156,7 +171,9 @@ def enqueue(
     broker_url = broker_url or settings.broker_url
     started = time.perf_counter()
 
-    rows = [(f.path, f.size, f.mtime_ns) for f in scan(roots, recursive=recursive, pattern=pattern, warn=warn)]
+    files = list(scan(roots, recursive=recursive, pattern=pattern, warn=warn))
+    check_allowed(files, resolve_roots(settings.allowed_roots))
+    rows = [(path_to_text(f.path), f.size, f.mtime_ns) for f in files]
 
     with app.connection_for_write(broker_url) as conn:
         try:

@@ -25,7 +25,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from core.images import ImageError, load_image
-from db.repository import CharOutcome, ImageOutcome, record_outcomes
+from core.paths import is_allowed, safe_text, text_to_path
+from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,15 @@ def parse_images(raw: object) -> list[tuple[int, str]]:
     return parsed
 
 
-def _allowed(path: str, roots: Sequence[Path]) -> bool:
-    if not roots:
-        return True
-    real = Path(os.path.realpath(path))
-    return any(real == root or root in real.parents for root in roots)
-
-
 def probe_aspect(path: str, allowed_roots: Sequence[Path] = ()) -> float:
-    """Width / height from the file header (no pixel decoding); 0.0 when it cannot be read (it fails later)."""
-    if not _allowed(path, allowed_roots):
+    """Width / height from the file header (no pixel decoding); 0.0 when it cannot be read (it fails later).
+
+    ``path`` is in the queue's text form (``core.paths.path_to_text``)."""
+    fs_path = os.path.realpath(text_to_path(path))
+    if not is_allowed(fs_path, allowed_roots):
         return 0.0
     try:
-        with Image.open(path) as img:
+        with Image.open(fs_path) as img:
             width, height = img.size
     except Exception:  # any unreadable file: load_image gives the reason when the batch is loaded
         return 0.0
@@ -147,18 +144,25 @@ def load_batch(
     max_width: int,
     allowed_roots: Sequence[Path] = (),
 ) -> list[_Loaded]:
-    """Read every image of a batch; failures carry their reason instead of an image."""
+    """Read every image of a batch; failures carry their reason instead of an image.
+
+    Paths are in the queue's text form. Each is resolved (symbolic links followed) once; the resolved path is both
+    checked against ``allowed_roots`` and opened, so a link cannot lead outside the roots.
+    """
     loaded = []
     for image_id, path in items:
         start = time.perf_counter()
         image, error = None, None
-        if not _allowed(path, allowed_roots):
+        fs_path = os.path.realpath(text_to_path(path))
+        if not is_allowed(fs_path, allowed_roots):
             error = "path outside the allowed roots (CAPTCHA_ALLOWED_ROOTS)"
         else:
             try:
-                image = load_image(path, max_pixels=max_pixels, max_width=max_width)
+                image = load_image(fs_path, max_pixels=max_pixels, max_width=max_width)
             except ImageError as exc:
-                error = str(exc)
+                error = safe_text(str(exc))
+            except Exception as exc:  # a decoder bug on a hostile file fails this image, not the batch
+                error = safe_text(f"cannot decode image: {type(exc).__name__}: {exc}")
         loaded.append(_Loaded(image_id, path, image, error, (time.perf_counter() - start) * 1000))
     return loaded
 
@@ -235,6 +239,12 @@ def write_outcomes(sessions: sessionmaker, outcomes: Sequence[ImageOutcome], att
             delay = 0.5 * 2 ** (attempt - 1)
             log.warning("database write failed (%s); retrying in %.1f s", exc.orig or exc, delay)
             time.sleep(delay)
+
+
+def fail_unfinished(sessions: sessionmaker, items: Sequence[tuple[int, str]], reason: str) -> int:
+    """Mark the images of ``items`` that no batch recorded yet as failed with ``reason``; returns how many."""
+    with sessions() as session, session.begin():
+        return fail_pending(session, [i for i, _ in items], safe_text(reason))
 
 
 def fail_all(items: Sequence[tuple[int, str]], reason: str, database_url: str | None = None) -> None:

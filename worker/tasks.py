@@ -15,7 +15,7 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from core.celery_app import DECODE_TASK, app
-from worker.decode import MessageError, decode_images, fail_all, parse_images
+from worker.decode import MessageError, decode_images, fail_all, fail_unfinished, parse_images
 from worker.runtime import Runtime, load_runtime
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,24 @@ def decode(self: DecodeTask, job_id: int, images: list) -> dict:
         log.exception("job %s: %s", job_id, reason)
         fail_all(items, reason)
         raise
-    summary = decode_images(
-        items,
-        rt.detector,
-        rt.sessions,
-        rt.batch_size,
-        max_pixels=rt.max_pixels,
-        max_width=rt.max_width,
-        allowed_roots=rt.allowed_roots,
-    )
+    try:
+        summary = decode_images(
+            items,
+            rt.detector,
+            rt.sessions,
+            rt.batch_size,
+            max_pixels=rt.max_pixels,
+            max_width=rt.max_width,
+            allowed_roots=rt.allowed_roots,
+        )
+    except OperationalError:
+        raise  # the database is unreachable: retried (autoretry_for), nothing can be recorded now
+    except Exception as exc:
+        # an unexpected error is acknowledged like a success: record it, so no image stays pending without a message
+        reason = f"worker error: {type(exc).__name__}: {exc}"
+        marked = fail_unfinished(rt.sessions, items, reason)
+        log.exception("job %s: %s; %d unfinished images marked failed", job_id, reason, marked)
+        raise
     n = max(1, len(items))
     log.info(
         "job %s: %d images, %d done, %d failed; load %.1f ms/img, infer %.1f ms/img, write %.1f ms/img",
