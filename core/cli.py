@@ -552,6 +552,23 @@ def enqueue(
 
 
 @app.command()
+def requeue(
+    job: Optional[int] = typer.Argument(None, help="Job id (default: every job)."),
+    queue: str = typer.Option("decode", help="Broker queue to send to."),
+) -> None:
+    """Send the images still pending again (after queued messages were lost); prints how many were sent."""
+    from producer.enqueue import EnqueueError
+    from producer.requeue import requeue_pending
+
+    _open_database(None)[0].close()
+    try:
+        sent = requeue_pending(job, queue=queue)
+    except EnqueueError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(sent)
+
+
+@app.command()
 def worker(
     queues: str = typer.Option("decode", help="Comma-separated queues to consume."),
     concurrency: int = typer.Option(1, min=1, help="Worker processes (CPU). A CUDA worker runs exactly one."),
