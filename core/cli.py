@@ -36,6 +36,7 @@ def train(
     val_labels: Optional[Path] = typer.Option(None, help="Validation labels"),
     arch: str = typer.Option("fast", help="Network: fast | seed"),
     epochs: int = typer.Option(10, min=1),
+    epoch_size: Optional[int] = typer.Option(None, min=1, help="Training images per epoch (default: all of them)"),
     batch_size: int = typer.Option(16, min=1),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, warmup then cosine)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -65,7 +66,7 @@ def train(
         raise typer.Exit(2) from None
     cfg = TrainConfig(
         images=images, labels=labels, out=out, val_images=val_images, val_labels=val_labels, arch=arch,
-        model_config=network, epochs=epochs, batch_size=batch_size, lr=lr, device=device, num_workers=workers,
+        model_config=network, epochs=epochs, epoch_size=epoch_size, batch_size=batch_size, lr=lr, device=device, num_workers=workers,
         seed=seed, resume=resume, init_from=init_from, version=version,
     )  # fmt: skip
     progress = Progress(

@@ -41,6 +41,7 @@ class TrainConfig:
     arch: str = "fast"
     model_config: dict[str, Any] = field(default_factory=dict)  # extra build_model keyword arguments
     epochs: int = 10
+    epoch_size: int | None = None  # training samples per epoch (default: the whole set)
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -71,10 +72,23 @@ class TrainResult:
 
 
 class WidthBucketSampler(Sampler[list[int]]):
-    """Batches of similar widths: shuffle, cut into pools of ``pool`` batches, sort each pool by width, batch it,
-    shuffle the batches. Deterministic for a given ``seed`` and ``set_epoch(epoch)``."""
+    """Batches of similar widths: take the epoch's samples in random order, cut them into pools of ``pool`` batches,
+    sort each pool by width, batch it, shuffle the batches.
 
-    def __init__(self, widths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0, pool: int = 50):
+    ``epoch_size`` (default: all samples) is the number of samples per epoch: epochs walk through an endless stream
+    of reshuffled passes over the data, so a large set can be trained in short epochs. Deterministic for a given
+    ``seed`` and ``set_epoch(epoch)`` (epochs count from 1).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        pool: int = 50,
+        epoch_size: int | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.widths = list(widths)
@@ -82,31 +96,47 @@ class WidthBucketSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.pool = pool
-        self.epoch = 0
+        self.epoch_size = len(self.widths) if epoch_size is None else epoch_size
+        self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _pools(self, generator: torch.Generator) -> list[list[int]]:
+    def _pass(self, number: int) -> list[int]:
+        """The order of pass ``number`` over the data (a fresh permutation per pass)."""
         n = len(self.widths)
-        order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
-        size = self.batch_size * self.pool
-        return [order[i : i + size] for i in range(0, n, size)]
+        if not self.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + number)).tolist()
+
+    def _samples(self) -> list[int]:
+        n = len(self.widths)
+        if n == 0:
+            return []
+        first = (self.epoch - 1) * self.epoch_size
+        out: list[int] = []
+        while len(out) < self.epoch_size:
+            number, offset = divmod(first + len(out), n)
+            out.extend(self._pass(number)[offset : offset + self.epoch_size - len(out)])
+        return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        samples = self._samples()
+        size = self.batch_size * self.pool
         batches: list[list[int]] = []
-        for pool in self._pools(g):
-            pool = sorted(pool, key=lambda i: self.widths[i])
+        for start in range(0, len(samples), size):
+            pool = sorted(samples[start : start + size], key=lambda i: self.widths[i])
             batches.extend(pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size))
         if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 - self.epoch)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return iter(batches)
 
     def __len__(self) -> int:
+        if not self.widths:
+            return 0
         size = self.batch_size * self.pool
-        n = len(self.widths)
-        full, rest = divmod(n, size)
+        full, rest = divmod(self.epoch_size, size)
         return full * math.ceil(size / self.batch_size) + math.ceil(rest / self.batch_size)
 
 
@@ -212,6 +242,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     """
     from core.formats import LabelledFolder
 
+    if cfg.epoch_size is not None and cfg.epoch_size < 1:
+        raise ValueError(f"epoch_size must be at least 1, got {cfg.epoch_size}")
     emit = on_progress or (lambda event: None)
     device = resolve_device(cfg.device)
     random.seed(cfg.seed)
@@ -233,7 +265,9 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
 
     model, origin = _build(cfg, device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    sampler = WidthBucketSampler(_widths(train_set), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    sampler = WidthBucketSampler(
+        _widths(train_set), cfg.batch_size, shuffle=True, seed=cfg.seed, epoch_size=cfg.epoch_size
+    )
     loader = DataLoader(
         _Tolerant(train_set),
         batch_sampler=sampler,

@@ -47,12 +47,24 @@ def test_width_bucket_sampler_covers_everything_once_in_similar_widths() -> None
     # within a pool of 32 samples sorted by width, a batch spans far less than the full range of widths
     spans = [max(widths[i] for i in b) - min(widths[i] for i in b) for b in batches]
     assert sum(spans) / len(spans) < 0.5 * (max(widths) - min(widths))
-    sampler.set_epoch(1)
+    sampler.set_epoch(2)
     assert list(sampler) != batches  # reshuffled per epoch
-    sampler.set_epoch(0)
+    sampler.set_epoch(1)
     assert list(sampler) == batches  # deterministic
     ordered = list(WidthBucketSampler(widths, batch_size=8, shuffle=False, pool=10**9))
     assert [i for b in ordered for i in b] == sorted(range(103), key=lambda i: widths[i])
+
+
+def test_epoch_size_walks_through_reshuffled_passes() -> None:
+    widths = list(range(10))
+    sampler = WidthBucketSampler(widths, batch_size=3, seed=2, epoch_size=4)
+    seen: list[int] = []
+    for epoch in range(1, 6):  # 5 epochs of 4 samples: exactly two passes over 10 samples
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 2
+        seen.extend(i for b in batches for i in b)
+    assert sorted(seen) == sorted(list(range(10)) * 2)
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
