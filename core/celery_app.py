@@ -28,6 +28,7 @@ from core.config import get_settings
 DECODE_TASK = "worker.decode"
 DECODE_QUEUE = "decode"
 TRAIN_QUEUE = "train"
+TRAIN_TASK = "worker.train"
 
 VISIBILITY_TIMEOUT_S = int(os.environ.get("CAPTCHA_VISIBILITY_TIMEOUT", "3600"))
 
@@ -62,7 +63,7 @@ class CeleryConfig:
         "worker.train*": {"queue": TRAIN_QUEUE},
     }
 
-    include = ["worker.tasks"]
+    include = ["worker.tasks", "worker.train_task"]
     worker_send_task_events = True
     task_send_sent_event = False
 

@@ -15,10 +15,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from sqlalchemy.exc import OperationalError
@@ -264,8 +265,12 @@ def decode_images(
     max_pixels: int,
     max_width: int,
     allowed_roots: Sequence[Path] = (),
+    refresh: Callable[[], Any] | None = None,
 ) -> DecodeSummary:
     """Decode ``items`` ((image_id, path) pairs) with ``detector`` and record every outcome.
+
+    ``refresh``, when given, is called before each batch and returns the detector for it (a worker switches to a
+    newly promoted model between batches, never inside one).
 
     The message is planned by ``plan_batches``. Each batch is loaded in a background thread while the previous one
     is inferred, and written with one ``record_outcomes`` call in one transaction.
@@ -286,6 +291,8 @@ def decode_images(
             loaded = future.result()
             if index + 1 < len(batches):
                 future = loader.submit(load, batches[index + 1])
+            if refresh is not None:
+                detector = refresh()
             start = time.perf_counter()
             outcomes: list[ImageOutcome] = []
             offset = 0

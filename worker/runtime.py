@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 
 from core.config import Settings, get_settings
+from worker.hot_reload import DetectorHolder
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class Runtime:
     """What a worker process needs to decode messages."""
 
-    detector: "object"  # core.detector.Detector (typed loosely so this module imports without torch)
+    holder: DetectorHolder  # the detector, following the champion model version (``worker.hot_reload``)
     sessions: sessionmaker
     batch_size: int
     max_pixels: int
@@ -40,16 +41,19 @@ def torch_threads(settings: Settings, concurrency: int = 1) -> int:
 
 
 def load_runtime(settings: Settings | None = None) -> Runtime:
-    """Load the detector (``Settings.checkpoint``/``device``) and open the database for this process."""
+    """Open the database and load the detector for this process: the champion model version, or
+    ``Settings.checkpoint`` (else the shipped one) when there is none."""
     import torch
 
-    from core.detector import Detector
+    from core.checkpoint import default_checkpoint_path
     from db.session import session_factory
 
     settings = settings or get_settings()
     threads = torch_threads(settings)
     torch.set_num_threads(threads)
-    detector = Detector.load(settings.checkpoint, device=settings.device)
+    sessions = session_factory(settings.database_url)
+    holder = DetectorHolder(sessions, settings.device, fallback=settings.checkpoint or default_checkpoint_path())
+    detector = holder.current()
     log.info(
         "pid %d: detector %s from %s on %s, %d torch threads, batch size %d",
         os.getpid(),
@@ -60,8 +64,8 @@ def load_runtime(settings: Settings | None = None) -> Runtime:
         settings.batch_size,
     )
     return Runtime(
-        detector=detector,
-        sessions=session_factory(settings.database_url),
+        holder=holder,
+        sessions=sessions,
         batch_size=settings.batch_size,
         max_pixels=settings.max_image_pixels,
         max_width=settings.max_image_width,

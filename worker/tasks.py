@@ -61,12 +61,13 @@ def decode(self: DecodeTask, job_id: int, images: list) -> dict:
     try:
         summary = decode_images(
             items,
-            rt.detector,
+            rt.holder.current(),
             rt.sessions,
             rt.batch_size,
             max_pixels=rt.max_pixels,
             max_width=rt.max_width,
             allowed_roots=rt.allowed_roots,
+            refresh=rt.holder.current,
         )
     except OperationalError:
         raise  # the database is unreachable: retried (autoretry_for), nothing can be recorded now

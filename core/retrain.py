@@ -1,0 +1,306 @@
+"""Retraining as a service task: train with ``core.train.train_model``, publish a version, promote it if it is no
+worse than the champion on the same validation images.
+
+``run_retrain`` is the plain function behind the ``worker.train`` Celery task:
+
+1. It claims the run (``training_runs.task_id`` is unique; a run already claimed, finished or failed is skipped, so
+   a message delivered twice trains once).
+2. It trains into a staging folder of the store (``<store>/.staging/<task id>/``), starting from ``--from``'s
+   weights, the champion's, the configured checkpoint's, or from scratch; each epoch's losses and validation
+   accuracy go to the run row (``captcha-queue models``) and to ``on_progress`` (Flower events).
+3. It evaluates the current champion (none: the configured checkpoint) on the validation images the run used, and
+   publishes the best epoch's weights as the next version (``core.registry.publish``). The version becomes champion
+   when its validation sequence accuracy is at least the baseline's, or when the request says ``force``. The
+   version row, the promotion and the run's outcome are committed in one transaction.
+
+A run killed at any point leaves no version row and no partial file in the store (only its staging folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.checkpoint import CheckpointError, default_checkpoint_path
+from core.config import get_settings
+from core.registry import VersionRef, champion, get_version, load_version, promote, publish, verify
+from db.models import TrainingRun, utcnow
+
+log = logging.getLogger(__name__)
+
+PUBLISH_ATTEMPTS = 3
+
+
+class RetrainError(ValueError):
+    """A request that cannot run (bad field, unknown --from version, no training data)."""
+
+
+@dataclass
+class RetrainRequest:
+    """What ``captcha-queue retrain`` asks for; travels as the task's JSON kwargs."""
+
+    images: str
+    labels: str
+    val_images: str | None = None  # None: hold out part of the training set (the same images for the baseline)
+    val_labels: str | None = None
+    from_version: int | None = None  # None: the champion (else the configured checkpoint)
+    scratch: bool = False
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+    arch: str = "fast"  # for --scratch
+    model_config: dict[str, Any] = field(default_factory=dict)  # for --scratch
+    val_batch_size: int = 32
+    device: str = "auto"
+    force: bool = False  # promote whatever the validation accuracy
+
+    @classmethod
+    def from_json(cls, data: Any) -> RetrainRequest:
+        """Validate a decoded JSON object; raises ``RetrainError`` naming the offending field."""
+        if not isinstance(data, dict):
+            raise RetrainError("a retrain request must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(data) - set(known)
+        if unknown:
+            raise RetrainError(f"unknown retrain request fields: {', '.join(sorted(unknown))}")
+        for name in ("images", "labels"):
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise RetrainError(f"'{name}' must be a folder path")
+        request = cls(**data)
+        if request.scratch and request.from_version is not None:
+            raise RetrainError("give either from_version or scratch, not both")
+        for name in ("epochs", "batch_size", "val_batch_size"):
+            value = getattr(request, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RetrainError(f"'{name}' must be a positive integer")
+        if (request.val_images is None) != (request.val_labels is None):
+            raise RetrainError("give both val_images and val_labels, or neither")
+        if not isinstance(request.model_config, dict):
+            raise RetrainError("'model_config' must be a JSON object")
+        return request
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RetrainOutcome:
+    """What a run did: ``skipped`` (already claimed) or ``succeeded`` with the version it published."""
+
+    status: str
+    version: int | None = None
+    promoted: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def create_run(session: Session, task_id: str, request: RetrainRequest) -> TrainingRun:
+    """Record a run as ``queued`` before its message is sent (flushed, uncommitted)."""
+    run = TrainingRun(task_id=task_id, status="queued", request=request.as_json(), epochs=request.epochs,
+                      epoch=0, progress={}, created_at=utcnow())  # fmt: skip
+    session.add(run)
+    session.flush()
+    return run
+
+
+def claim_run(sessions: sessionmaker, task_id: str, request: RetrainRequest, worker: str) -> bool:
+    """Atomically move the run from ``queued`` to ``running`` (inserting it when it was sent without a row).
+
+    False when the run is already running, finished or failed: the message is a redelivery and must not train.
+    """
+    now = utcnow()
+    with sessions() as session, session.begin():
+        claimed = session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.task_id == task_id, TrainingRun.status == "queued")
+            .values(status="running", worker=worker, started_at=now, updated_at=now)
+        ).rowcount
+        if claimed == 1:
+            return True
+        if session.scalar(select(TrainingRun.id).where(TrainingRun.task_id == task_id)) is not None:
+            return False
+    try:
+        with sessions() as session, session.begin():
+            run = create_run(session, task_id, request)
+            run.status, run.worker, run.started_at, run.updated_at = "running", worker, now, now
+        return True
+    except IntegrityError:  # another delivery inserted it first
+        return False
+
+
+def _update_run(sessions: sessionmaker, task_id: str, **values: Any) -> None:
+    with sessions() as session, session.begin():
+        session.execute(update(TrainingRun).where(TrainingRun.task_id == task_id).values(updated_at=utcnow(), **values))
+
+
+def configured_checkpoint() -> Path | None:
+    """The checkpoint workers serve when there is no champion (``Settings.checkpoint`` or the shipped one)."""
+    path = get_settings().checkpoint or default_checkpoint_path()
+    return Path(path) if Path(path).is_file() else None
+
+
+def _starting_point(session: Session, request: RetrainRequest) -> tuple[Path | None, int | None]:
+    """The checkpoint to start from (None: scratch) and the parent version number."""
+    if request.scratch:
+        return None, None
+    if request.from_version is not None:
+        row = get_version(session, request.from_version)
+        return verify(row), row.number
+    row = champion(session)
+    if row is not None:
+        return verify(row), row.number
+    return configured_checkpoint(), None
+
+
+def _baseline(session: Session, val_set: Any, request: RetrainRequest) -> dict[str, Any]:
+    """The current champion (or the configured checkpoint) scored on ``val_set``."""
+    from core.detector import Detector
+    from core.train import validate
+
+    row = champion(session)
+    try:
+        if row is not None:
+            detector = load_version(VersionRef.of(row), device=request.device)
+        else:
+            path = configured_checkpoint()
+            if path is None:
+                return {"version": None, "val_sequence_accuracy": None, "note": "no champion and no checkpoint"}
+            detector = Detector.load(path, device=request.device)
+    except CheckpointError as exc:
+        return {"version": row.version if row else None, "val_sequence_accuracy": None, "error": str(exc)}
+    scores = validate(detector.model, val_set, request.val_batch_size, detector.device)
+    return {"version": detector.version, **scores}
+
+
+def _validation_set(cfg: Any) -> Any:
+    """The validation images ``train_model`` used for ``cfg`` (the same seeded hold-out when none were given)."""
+    from core.formats import LabelledFolder
+    from core.train import _split
+
+    if cfg.val_images is not None:
+        return LabelledFolder(cfg.val_images, cfg.val_labels)
+    return _split(LabelledFolder(cfg.images, cfg.labels), cfg)[1]
+
+
+def should_promote(new_accuracy: float, baseline: dict[str, Any], force: bool) -> tuple[bool, str]:
+    """The promotion rule and a sentence explaining it."""
+    if force:
+        return True, "forced"
+    base = baseline.get("val_sequence_accuracy")
+    if base is None:
+        if baseline.get("error"):
+            return False, f"not promoted: the champion could not be evaluated ({baseline['error']})"
+        return True, "promoted: no champion to compare with"
+    if new_accuracy >= base:
+        return True, f"promoted: validation sequence accuracy {new_accuracy:.4f} >= {base:.4f} of {baseline['version']}"
+    return False, f"not promoted: validation sequence accuracy {new_accuracy:.4f} < {base:.4f} of {baseline['version']}"
+
+
+def run_retrain(
+    task_id: str,
+    request: RetrainRequest,
+    sessions: sessionmaker,
+    store: Path | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> RetrainOutcome:
+    """Run one retraining request end to end (see the module docstring); the run row records every step."""
+    from core.checkpoint import load_checkpoint
+    from core.train import TrainConfig, train_model
+
+    if not claim_run(sessions, task_id, request, worker_name()):
+        log.warning("training task %s was already claimed: skipping this delivery", task_id)
+        return RetrainOutcome(status="skipped")
+    store = Path(store or get_settings().checkpoint_dir).resolve()
+    staging = store / ".staging" / task_id
+    emit = on_progress or (lambda event: None)
+    try:
+        with sessions() as session:
+            init_from, parent = _starting_point(session, request)
+        cfg = TrainConfig(
+            images=Path(request.images), labels=Path(request.labels), out=staging / "model.safetensors",
+            val_images=Path(request.val_images) if request.val_images else None,
+            val_labels=Path(request.val_labels) if request.val_labels else None,
+            arch=request.arch, model_config=request.model_config, epochs=request.epochs,
+            batch_size=request.batch_size, lr=request.lr, seed=request.seed, device=request.device,
+            num_workers=0, init_from=init_from, val_batch_size=request.val_batch_size,
+        )  # fmt: skip
+
+        def progress(event: dict[str, Any]) -> None:
+            if event["event"] == "epoch":
+                record = {k: v for k, v in event.items() if k != "event"}
+                _update_run(sessions, task_id, epoch=event["epoch"], progress=record)
+                log.info(
+                    "training %s: epoch %d/%d loss %.4f, val sequence accuracy %.4f", task_id, event["epoch"],
+                    request.epochs, event.get("loss", float("nan")), event["val_sequence_accuracy"],
+                )  # fmt: skip
+            if event["event"] in ("start", "epoch"):
+                emit(event)
+
+        result = train_model(cfg, progress)
+        model, meta = load_checkpoint(result.checkpoint)
+        with sessions() as session:
+            baseline = _baseline(session, _validation_set(cfg), request)
+        accuracy = result.metrics["val_sequence_accuracy"]
+        promoted, reason = should_promote(accuracy, baseline, request.force)
+        metrics = {**result.metrics, "best_epoch": result.best_epoch, "baseline": baseline, "promotion": reason}
+        row_number = _publish(sessions, task_id, model, store, parent, metrics, meta, promoted)
+        log.info("training %s: published v%d (%s)", task_id, row_number, reason)
+        return RetrainOutcome(status="succeeded", version=row_number, promoted=promoted, metrics=metrics)
+    except BaseException as exc:
+        try:
+            _update_run(sessions, task_id, status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
+        except Exception:
+            log.exception("training %s: could not record the failure", task_id)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(
+    sessions: sessionmaker,
+    task_id: str,
+    model: Any,
+    store: Path,
+    parent: int | None,
+    metrics: dict[str, Any],
+    meta: dict[str, Any],
+    promoted: bool,
+) -> int:
+    """Publish the version, promote it if asked and finish the run, in one transaction (retried when another
+    publisher took the same number)."""
+    attempt = 1
+    while True:
+        try:
+            with sessions() as session, session.begin():
+                row = publish(
+                    session, model, store, token=task_id[:8], parent=parent, metrics=metrics,
+                    data_summary=meta.get("data_summary", {}), train_config=meta.get("train_config", {}),
+                    task_id=task_id,
+                )  # fmt: skip
+                if promoted:
+                    promote(session, row.number)
+                session.execute(
+                    update(TrainingRun)
+                    .where(TrainingRun.task_id == task_id)
+                    .values(status="succeeded", version=row.number, promoted=promoted, progress={**metrics},
+                            finished_at=utcnow(), updated_at=utcnow())
+                )  # fmt: skip
+                return row.number
+        except IntegrityError:
+            if attempt == PUBLISH_ATTEMPTS:
+                raise
+            attempt += 1

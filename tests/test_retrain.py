@@ -1,0 +1,216 @@
+"""Retraining in-process: publish and promote, the promotion gate, rollback, sha256 checks, redelivery, hot reload.
+
+Training runs on a handful of synthetic CAPTCHAs with a tiny network for one epoch; the database is a real SQLite
+file and the checkpoint store a temporary folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from core.checkpoint import CheckpointError, read_metadata, sha256_file
+from core.registry import RegistryError, champion, get_version, list_versions, load_version, promote, rollback, verify
+from core.retrain import RetrainError, RetrainRequest, run_retrain
+from db.models import TrainingRun, WorkerEvent
+from test_worker import small_checkpoint
+
+TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """12 training and 4 validation CAPTCHAs."""
+    from core.synth import generate
+
+    root = tmp_path_factory.mktemp("retrain-data")
+    generate(root / "train", 12, seed=0, workers=1, progress=False)
+    generate(root / "val", 4, seed=1, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def configured(tmp_path_factory) -> Path:
+    return small_checkpoint(tmp_path_factory.mktemp("configured"))
+
+
+@pytest.fixture()
+def env(tmp_path, sqlite_url, configured, monkeypatch):
+    """A migrated database, an empty store, and ``configured`` as the checkpoint served without a champion."""
+    from core.config import get_settings
+    from db.session import session_factory, upgrade
+
+    monkeypatch.setenv("CAPTCHA_CHECKPOINT", str(configured))
+    monkeypatch.setenv("CAPTCHA_CHECKPOINT_DIR", str(tmp_path / "store"))
+    get_settings.cache_clear()
+    upgrade(sqlite_url)
+    yield session_factory(sqlite_url), tmp_path / "store"
+    get_settings.cache_clear()
+
+
+def request(data: Path, **kw) -> RetrainRequest:
+    base = dict(
+        images=str(data / "train" / "images"), labels=str(data / "train" / "labels"),
+        val_images=str(data / "val" / "images"), val_labels=str(data / "val" / "labels"),
+        scratch=True, model_config=TINY, epochs=1, batch_size=6, device="cpu", seed=1,
+    )  # fmt: skip
+    return RetrainRequest(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_request_validation_names_the_bad_field(data):
+    good = request(data).as_json()
+    assert RetrainRequest.from_json(good) == request(data)
+    for bad, field in (({**good, "epochs": 0}, "epochs"), ({**good, "images": 3}, "images"),
+                       ({**good, "from_version": 2}, "from_version or scratch"), ({**good, "colour": 1}, "colour"),
+                       ({**good, "val_labels": None}, "val_images and val_labels")):  # fmt: skip
+        with pytest.raises(RetrainError, match=field):
+            RetrainRequest.from_json(bad)
+
+
+def test_retrain_publishes_promotes_and_rolls_back(env, data, configured):
+    sessions, store = env
+    progress: list[dict] = []
+    first = run_retrain("task-one", request(data), sessions, on_progress=progress.append)
+    assert first.status == "succeeded" and first.version == 1 and first.promoted
+    assert [e["event"] for e in progress] == ["start", "epoch"]
+    # the baseline is the configured checkpoint, scored on the same 4 validation images
+    baseline = first.metrics["baseline"]
+    assert baseline["version"] == read_metadata(configured).get("version", baseline["version"])
+    assert baseline["val_images"] == first.metrics["val_images"] == 4
+
+    with sessions() as session:
+        v1 = get_version(session, 1)
+        assert v1.status == "champion" and v1.parent is None and v1.arch == "fast" and v1.task_id == "task-one"
+        assert Path(v1.path).parent == store.resolve() and Path(v1.path).name.startswith("v1-")
+        assert v1.sha256 == sha256_file(v1.path) == read_metadata(v1.path)["sha256"]
+        assert read_metadata(v1.path)["version"] == "v1"
+        assert v1.data_summary["train_images"] == 12 and v1.metrics["epoch"] == 1
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "task-one"))
+        assert (run.status, run.version, run.promoted, run.epoch) == ("succeeded", 1, True, 1)
+    assert not any((store / ".staging").iterdir())  # staging removed, nothing half-written left
+    assert sorted(p.suffix for p in store.iterdir() if p.is_file()) == [".json", ".safetensors"]
+
+    # from the champion by default; forced so the outcome does not depend on two tiny models' accuracies
+    second = run_retrain("task-two", request(data, scratch=False, force=True), sessions)
+    assert second.version == 2 and second.promoted
+    with sessions() as session:
+        assert get_version(session, 2).parent == 1
+        assert champion(session).number == 2 and get_version(session, 1).status == "ready"
+        assert [v.number for v in list_versions(session)] == [2, 1]
+
+        retired, restored = rollback(session)
+        session.commit()
+        assert (retired.number, restored.number) == (2, 1)
+        assert champion(session).number == 1 and get_version(session, 2).status == "retired"
+        retired, restored = rollback(session)
+        session.commit()
+        assert retired.number == 1 and restored is None and champion(session) is None
+        with pytest.raises(RegistryError, match="no champion"):
+            rollback(session)
+        promote(session, 2)  # a retired version can be promoted again by hand
+        session.commit()
+        assert champion(session).number == 2
+
+
+def champion_labelled_val(detector, source: Path, out: Path) -> Path:
+    """Validation images renamed and boxed after what ``detector`` reads, so it scores 100% on them."""
+    from PIL import Image
+
+    from core.formats import write_yolo_labels
+
+    (out / "images").mkdir(parents=True)
+    (out / "labels").mkdir()
+    for n, path in enumerate(sorted((source / "images").glob("*.png"))):
+        [pred] = detector.predict([path], batch_size=1)
+        assert pred.text, "the reference model must read something"
+        name = f"{pred.text}-{n}"
+        shutil.copy(path, out / "images" / f"{name}.png")
+        width, height = Image.open(path).size
+        write_yolo_labels(out / "labels" / f"{name}.txt", [list(c.box) for c in pred.chars], width, height)
+    return out
+
+
+def test_a_worse_model_is_not_promoted_unless_forced(env, data, configured, tmp_path):
+    from core.detector import Detector
+
+    sessions, _ = env
+    reference = Detector.load(configured, device="cpu")
+    val = champion_labelled_val(reference, data / "val", tmp_path / "val")
+    req = request(data, val_images=str(val / "images"), val_labels=str(val / "labels"), val_batch_size=1)
+
+    worse = run_retrain("task-worse", req, sessions)
+    assert worse.status == "succeeded" and worse.version == 1 and not worse.promoted
+    assert worse.metrics["baseline"]["val_sequence_accuracy"] == 1.0
+    assert worse.metrics["val_sequence_accuracy"] < 1.0
+    assert worse.metrics["promotion"].startswith("not promoted")
+    with sessions() as session:
+        assert champion(session) is None and get_version(session, 1).status == "ready"
+
+    forced = run_retrain("task-forced", RetrainRequest(**{**req.as_json(), "force": True}), sessions)
+    assert forced.promoted and forced.metrics["promotion"] == "forced"
+    with sessions() as session:
+        assert champion(session).number == 2
+
+
+def test_a_changed_byte_is_refused_and_the_worker_keeps_its_model(env, data, configured):
+    from worker.hot_reload import DetectorHolder
+
+    sessions, _ = env
+    holder = DetectorHolder(sessions, "cpu", fallback=configured, poll_interval=0.0, retry_after=0.0)
+    served = holder.current().version  # no champion yet: the configured checkpoint
+    run_retrain("task-a", request(data), sessions)
+    with sessions() as session:
+        v1 = get_version(session, 1)
+    assert holder.current().version == "v1"
+
+    run_retrain("task-b", request(data, force=True), sessions)
+    with sessions() as session:
+        v2 = get_version(session, 2)
+        assert champion(session).number == 2
+    blob = bytearray(Path(v2.path).read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    Path(v2.path).write_bytes(bytes(blob))
+
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify(v2)
+    with pytest.raises(CheckpointError, match="v2: .* does not match its recorded sha256"):
+        load_version(v2)
+    assert holder.current().version == "v1"  # refused, keeps serving v1
+    assert holder.current().version == "v1"
+
+    Path(v1.path).unlink()
+    with sessions() as session:
+        with pytest.raises(CheckpointError, match="missing"):
+            rollback(session)  # v1 would be restored, but its file is gone
+    with sessions() as session:
+        events = session.execute(sa.select(WorkerEvent.event, WorkerEvent.old_version, WorkerEvent.new_version)
+                                 .order_by(WorkerEvent.id)).all()  # fmt: skip
+    assert events[:2] == [("load", None, served), ("switch", served, "v1")]
+    assert set(events[2:]) == {("refused", "v1", "v2")} and len(events) == 4
+
+
+def test_a_redelivered_task_trains_once(env, data):
+    sessions, _ = env
+    assert run_retrain("task-same", request(data), sessions).version == 1
+    again = run_retrain("task-same", request(data), sessions)
+    assert again.status == "skipped" and again.version is None
+    with sessions() as session:
+        assert [v.number for v in list_versions(session)] == [1]
+        assert session.scalar(sa.select(sa.func.count()).select_from(TrainingRun)) == 1
+
+
+def test_a_failed_run_publishes_nothing_and_says_why(env, data, tmp_path):
+    sessions, store = env
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "labels").mkdir()
+    with pytest.raises(ValueError, match="no usable training samples"):
+        run_retrain("task-empty", request(data, images=str(empty / "images"), labels=str(empty / "labels")), sessions)
+    with sessions() as session:
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "task-empty"))
+        assert run.status == "failed" and "no usable training samples" in run.error
+        assert list_versions(session) == []
+    assert not list(store.glob("*.safetensors"))
