@@ -598,12 +598,12 @@ def demo(
     device: str = typer.Option("cpu", help="Device of the worker: cpu | auto | cuda:N."),
 ) -> None:
     """Run the whole pipeline locally: synthesise CAPTCHAs, start Redis if needed and a worker, decode, report."""
-    from producer.demo import run_demo
+    from producer.demo import DemoError, run_demo
     from producer.local_redis import RedisUnavailable
 
     try:
         run_demo(workdir, count=count, seed=seed, concurrency=concurrency, device=device)
-    except RedisUnavailable as exc:
+    except (DemoError, RedisUnavailable) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 

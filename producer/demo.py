@@ -19,6 +19,10 @@ from rich.table import Table
 from core.config import get_settings, mask_url
 
 
+class DemoError(RuntimeError):
+    """The demo cannot run here (no checkpoint to decode with)."""
+
+
 @dataclass(frozen=True)
 class DemoReport:
     job_id: int
@@ -51,8 +55,13 @@ def run_demo(
     from producer.local_redis import local_redis
     from worker.process import WorkerProcess
 
+    from core.checkpoint import default_checkpoint_path
+
     console = console or Console(stderr=True)
     settings = get_settings()
+    checkpoint = settings.checkpoint or default_checkpoint_path()
+    if not Path(checkpoint).exists():
+        raise DemoError(f"no checkpoint at {checkpoint}: set CAPTCHA_CHECKPOINT or train one (captcha-queue train)")
     workdir = Path(workdir).resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -67,7 +76,8 @@ def run_demo(
         where = "configured" if broker_url == settings.broker_url else "private, stopped at the end"
         console.print(f"[bold]2/4[/] broker {mask_url(broker_url)} ({where}); database {database_url}")
         queue = f"demo-{uuid.uuid4().hex[:8]}"
-        env = {"CAPTCHA_BROKER_URL": broker_url, "CAPTCHA_DATABASE_URL": database_url}
+        env = {"CAPTCHA_BROKER_URL": broker_url, "CAPTCHA_DATABASE_URL": database_url,
+               "CAPTCHA_CHECKPOINT": str(checkpoint)}  # fmt: skip
         log_path = workdir / "worker.log"
         console.print(f"[bold]3/4[/] starting a worker ({concurrency} process(es), {device}); log: {log_path}")
         with WorkerProcess(log_path, queues=queue, concurrency=concurrency, device=device, env=env):
