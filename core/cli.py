@@ -608,6 +608,247 @@ def demo(
         raise typer.Exit(1) from None
 
 
+# --------------------------------------------------------------------------------------------------------------
+# retraining: the train task and model versions
+# --------------------------------------------------------------------------------------------------------------
+
+models_app = typer.Typer(help="Model versions: list, show, promote, roll back.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+@app.command()
+def retrain(
+    images: Path = typer.Option(..., help="Folder of <text>-<n>.png training images (as the workers see it)."),
+    labels: Path = typer.Option(..., help="Folder of YOLO label files, one <stem>.txt per image."),
+    val_images: Optional[Path] = typer.Option(None, help="Validation images (default: a seeded 5% hold-out)."),
+    val_labels: Optional[Path] = typer.Option(None, help="Validation labels."),
+    from_version: Optional[int] = typer.Option(None, "--from", help="Start from this version (default: the champion)."),
+    scratch: bool = typer.Option(False, "--scratch", help="Start from random weights (--arch, --model-config)."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(2e-3, help="Peak learning rate."),
+    seed: int = typer.Option(0),
+    arch: str = typer.Option("fast", help="Network for --scratch: fast | seed."),
+    model_config: str = typer.Option("{}", help="JSON object of network settings for --scratch."),
+    device: str = typer.Option("auto", help="Device of the training worker: auto | cpu | cuda | cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the champion is more accurate."),
+    queue: str = typer.Option("train", help="Broker queue (train workers consume it with --queues train)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the run until it finishes; exit 1 if it fails."),
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+) -> None:
+    """Send a retraining task to the train queue; prints its task id (progress: `captcha-queue models`)."""
+    import json
+    import uuid
+
+    from core.celery_app import TRAIN_TASK, app as celery_app
+    from core.registry import RegistryError, get_version
+    from core.retrain import RetrainError, RetrainRequest, create_run
+    from db.session import session_factory, upgrade
+
+    try:
+        network = json.loads(model_config)
+        request = RetrainRequest.from_json({
+            "images": str(images.resolve()), "labels": str(labels.resolve()),
+            "val_images": str(val_images.resolve()) if val_images else None,
+            "val_labels": str(val_labels.resolve()) if val_labels else None,
+            "from_version": from_version, "scratch": scratch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "seed": seed, "arch": arch, "model_config": network, "device": device, "force": force,
+        })  # fmt: skip
+    except (ValueError, RetrainError) as exc:
+        raise _fail(str(exc), code=2) from None
+    for folder in (images, labels, val_images, val_labels):
+        if folder is not None and not folder.is_dir():
+            raise _fail(f"not a folder: {folder}", code=2)
+    upgrade(database_url)
+    task_id = str(uuid.uuid4())
+    sessions = session_factory(database_url)
+    with sessions() as session, session.begin():
+        if from_version is not None:
+            try:
+                get_version(session, from_version)
+            except RegistryError as exc:
+                raise _fail(str(exc)) from None
+        create_run(session, task_id, request)
+    try:
+        celery_app.send_task(TRAIN_TASK, kwargs={"request": request.as_json()}, task_id=task_id, queue=queue)
+    except Exception as exc:  # the broker is unreachable: the run will never start
+        _finish_unsent_run(sessions, task_id, f"not sent: {exc}")
+        raise _fail(f"cannot send the training task: {exc}") from None
+    typer.echo(task_id)
+    if wait:
+        _follow_run(sessions, task_id)
+
+
+def _finish_unsent_run(sessions, task_id: str, reason: str) -> None:
+    import sqlalchemy as sa
+
+    from db.models import TrainingRun, utcnow
+
+    with sessions() as session, session.begin():
+        session.execute(sa.update(TrainingRun).where(TrainingRun.task_id == task_id)
+                        .values(status="failed", error=reason, finished_at=utcnow()))  # fmt: skip
+
+
+def _follow_run(sessions, task_id: str, poll: float = 1.0) -> None:
+    """Print each epoch of a run as it completes and its outcome; exit 1 when it fails."""
+    import time
+
+    from db.models import TrainingRun
+
+    shown, status = 0, ""
+    while True:
+        with sessions() as session:
+            run = session.query(TrainingRun).filter_by(task_id=task_id).one()
+        if run.status != status:
+            status = run.status
+            typer.echo(f"run {task_id[:8]}: {status}" + (f" on {run.worker}" if run.worker else ""), err=True)
+        if run.epoch > shown and run.status == "running":
+            shown = run.epoch
+            typer.echo(f"epoch {run.epoch}/{run.epochs}: {_progress_text(run.progress)}", err=True)
+        if run.status == "succeeded":
+            reason = run.progress.get("promotion", "")
+            typer.echo(f"published v{run.version} ({_progress_text(run.progress)}); {reason}", err=True)
+            return
+        if run.status == "failed":
+            raise _fail(f"training failed: {run.error}")
+        time.sleep(poll)
+
+
+def _progress_text(progress: dict) -> str:
+    parts = [f"{k} {progress[k]:.4f}" for k in ("loss", "cls", "rpn_cls", "rpn_reg", "box_reg") if k in progress]
+    if progress.get("val_sequence_accuracy") is not None:
+        parts.append(f"val seq {progress['val_sequence_accuracy']:.4f}")
+    return ", ".join(parts) or "-"
+
+
+def _models_session(database_url: Optional[str]):
+    import sqlalchemy as sa
+
+    session, url = _open_database(database_url)
+    if not sa.inspect(session.get_bind()).has_table("training_runs"):
+        session.close()
+        raise _fail("the database schema predates retraining; run `captcha-queue db upgrade`")
+    return session
+
+
+def _accuracy(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@models_app.callback()
+def models_callback(ctx: typer.Context, database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP)) -> None:
+    """Without a subcommand: the same as `models list`."""
+    if ctx.invoked_subcommand is None:
+        models_list(database_url=database_url, runs=5)
+
+
+@models_app.command("list")
+def models_list(
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+    runs: int = typer.Option(5, min=0, help="Latest training runs shown."),
+) -> None:
+    """Model versions (newest first) and the latest training runs with their progress."""
+    import sqlalchemy as sa
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.registry import list_versions
+    from db.models import TrainingRun, utcnow
+
+    with _models_session(database_url) as session:
+        versions = list_versions(session)
+        latest = session.scalars(sa.select(TrainingRun).order_by(TrainingRun.id.desc()).limit(runs)).all()
+    console = Console()
+    table = Table("version", "status", "arch", "parent", "val seq acc", "baseline", "created", "promoted", "sha256",
+                  title="model versions")  # fmt: skip
+    for v in versions:
+        table.add_row(
+            v.version, v.status, v.arch, f"v{v.parent}" if v.parent else "-",
+            _accuracy(v.metrics.get("val_sequence_accuracy")),
+            _accuracy((v.metrics.get("baseline") or {}).get("val_sequence_accuracy")),
+            f"{v.created_at:%Y-%m-%d %H:%M:%S}", f"{v.promoted_at:%Y-%m-%d %H:%M:%S}" if v.promoted_at else "-",
+            v.sha256[:12],
+        )  # fmt: skip
+    console.print(table if versions else "no model versions yet: workers serve the configured checkpoint")
+    if latest:
+        now = utcnow()
+        runs_table = Table("task", "status", "epoch", "progress", "version", "updated", "worker", title="training runs")
+        for r in latest:
+            updated = r.updated_at or r.created_at
+            runs_table.add_row(
+                r.task_id[:8], r.status, f"{r.epoch}/{r.epochs}", _progress_text(r.progress) if r.status != "failed"
+                else (r.error or "")[:80], f"v{r.version}" + (" (champion)" if r.promoted else "") if r.version else "-",
+                f"{(now - updated).total_seconds():.0f} s ago", r.worker or "-",
+            )  # fmt: skip
+        console.print(runs_table)
+
+
+@models_app.command("show")
+def models_show(
+    version: int = typer.Argument(..., help="Version number."),
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+) -> None:
+    """One version as JSON: its row, metrics, data summary and whether its file still matches its sha256."""
+    import json
+
+    from core.checkpoint import CheckpointError
+    from core.registry import RegistryError, get_version, verify
+
+    with _models_session(database_url) as session:
+        try:
+            row = get_version(session, version)
+        except RegistryError as exc:
+            raise _fail(str(exc)) from None
+    try:
+        verify(row)
+        file_check = "ok"
+    except CheckpointError as exc:
+        file_check = str(exc)
+    doc = {
+        "version": row.version, "number": row.number, "status": row.status, "arch": row.arch, "parent": row.parent,
+        "path": row.path, "sha256": row.sha256, "file": file_check, "created_at": row.created_at.isoformat(),
+        "promoted_at": row.promoted_at.isoformat() if row.promoted_at else None, "task_id": row.task_id,
+        "metrics": row.metrics, "data_summary": row.data_summary,
+    }  # fmt: skip
+    typer.echo(json.dumps(doc, indent=2, default=str))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: int = typer.Argument(..., help="Version number to make champion."),
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+) -> None:
+    """Make a version the champion (its file is checked first); workers switch to it within seconds."""
+    from core.checkpoint import CheckpointError
+    from core.registry import RegistryError, champion, promote
+
+    with _models_session(database_url) as session:
+        before = champion(session)
+        previous = before.version if before else "the configured checkpoint"
+        try:
+            row = promote(session, version)
+        except (RegistryError, CheckpointError) as exc:
+            raise _fail(str(exc)) from None
+        session.commit()
+        typer.echo(f"{row.version} is the champion (was {previous})")
+
+
+@models_app.command("rollback")
+def models_rollback(database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP)) -> None:
+    """Retire the champion and restore the version that was champion before it."""
+    from core.checkpoint import CheckpointError
+    from core.registry import RegistryError, rollback
+
+    with _models_session(database_url) as session:
+        try:
+            retired, restored = rollback(session)
+        except (RegistryError, CheckpointError) as exc:
+            raise _fail(str(exc)) from None
+        session.commit()
+        now = restored.version if restored else "no champion: workers serve the configured checkpoint"
+        typer.echo(f"{retired.version} retired; champion: {now}")
+
+
 def main() -> None:
     app()
 
