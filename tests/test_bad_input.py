@@ -1,0 +1,312 @@
+"""Bad input: every hostile or broken file becomes a ``failed`` row with its reason, the rest of the batch is
+decoded, and the worker stays up. Unusual but valid images (grayscale, palette, 16-bit, RGBA, a non-UTF-8 name)
+are decoded.
+
+The decode function runs in-process on one message holding all the files; one test runs the same folder through
+``captcha-queue enqueue`` and a real worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.paths import is_allowed, path_to_text, resolve_roots, text_to_path
+from test_worker import make_db, rows, small_checkpoint
+
+NON_UTF8_NAME = b"caf\xe9-0.png"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return small_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint):
+    from core.detector import Detector
+
+    return Detector.load(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def captchas(tmp_path_factory) -> list[Path]:
+    from core.synth import generate
+
+    out = tmp_path_factory.mktemp("good")
+    generate(out, 6, seed=5, workers=1, progress=False)
+    return sorted((out / "images").glob("*.png"))
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares ``width`` x ``height`` but holds a few bytes of pixel data (a decompression bomb header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+def build_folder(root: Path, outside: Path, captchas: list[Path]) -> dict[str, tuple[Path, str | None]]:
+    """The bad and the unusual files under ``root`` (plus targets in ``outside``).
+
+    Returns name -> (path, expected reason fragment, or None for an image that must decode).
+    """
+    root.mkdir(parents=True)
+    outside.mkdir(parents=True)
+    good = captchas[0]
+    files: dict[str, tuple[Path, str | None]] = {}
+
+    def add(name: str, reason: str | None, path: Path | None = None) -> Path:
+        path = path or root / f"{name}-0.png"
+        files[name] = (path, reason)
+        return path
+
+    add("empty", "empty file").write_bytes(b"")
+    add("truncated", "truncated").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    add("text", "not a recognised image").write_text("hello, I am not a picture\n")
+    png_header_only(add("bomb", "decompression bomb"), 30_000, 30_000)  # 900 M pixels > 2 x Pillow's limit
+    Image.new("RGB", (20_000, 80), "white").save(add("wide", "too wide"))
+    add("missing", "file not found")  # registered, then never written
+    secret = outside / "secret-0.png"
+    secret.write_bytes(good.read_bytes())
+    files["outside"] = (secret, "allowed roots")
+    os.symlink(secret, add("escape", "allowed roots"))
+
+    rgb = Image.open(good).convert("RGB")
+    rgb.save(add("rgb", None))
+    rgb.convert("L").save(add("gray", None))
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(add("palette", None))
+    gray16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    sixteen = Image.fromarray(gray16)
+    assert sixteen.mode.startswith("I;16")
+    sixteen.save(add("sixteen", None))
+    # white pixels transparent and stored black: composited on white this is exactly the RGB image again
+    arr = np.asarray(rgb).copy()
+    white = (arr == 255).all(axis=2)
+    arr[white] = 0
+    alpha = np.where(white, 0, 255).astype(np.uint8)
+    Image.fromarray(np.dstack([arr, alpha])).save(add("rgba", None))
+    name = os.fsdecode(os.fsencode(root) + b"/" + NON_UTF8_NAME)
+    rgb.save(name, format="PNG")
+    files["non-utf8"] = (Path(name), None)
+    return files
+
+
+def register(db: str, files: dict[str, tuple[Path, str | None]]) -> list[tuple[int, str]]:
+    """One job holding every file by its text form (the missing one as if it vanished after enqueueing)."""
+    from db.repository import create_job, register_images
+    from db.session import session_factory, upgrade
+
+    upgrade(db)
+    entries = []
+    for path, _ in files.values():
+        st = os.stat(path) if os.path.exists(path) else None
+        entries.append((path_to_text(path), st.st_size if st else 0, st.st_mtime_ns if st else 0))
+    with session_factory(db)() as session:
+        todo = register_images(session, create_job(session, "bad"), entries)
+        session.commit()
+    return todo
+
+
+def by_name(files, got: dict[str, dict]) -> dict[str, dict]:
+    return {name: got[path_to_text(path)] for name, (path, _) in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_path_text_form_is_lossless_for_any_bytes():
+    rng = random.Random(0)
+    samples = [b"/data/ab12-0.png", b"/d/caf\xe9.png", b"/d/\xff\xfe\\x41\\\\", "/d/é€😀".encode(), b"/d/\\xe9"]
+    samples += [b"/" + bytes(rng.randrange(1, 256) for _ in range(rng.randint(0, 30))) for _ in range(500)]
+    for raw in samples:
+        text = path_to_text(os.fsdecode(raw))
+        text.encode("utf-8")  # storable and sendable as UTF-8 (raises on a lone surrogate)
+        assert os.fsencode(text_to_path(text)) == raw
+    assert path_to_text("/data/ab12-0.png") == "/data/ab12-0.png"  # ordinary paths are their own text form
+    assert path_to_text(os.fsdecode(b"/d/\\xe9")) != path_to_text(os.fsdecode(b"/d/\xe9"))
+
+
+def test_allowed_roots_resolve_links_and_dots(tmp_path):
+    (tmp_path / "root" / "sub").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "other")
+    roots = resolve_roots([tmp_path / "root"])
+    assert is_allowed(tmp_path / "root" / "sub" / "a.png", roots)
+    assert not is_allowed(tmp_path / "root" / "link" / "a.png", roots)
+    assert not is_allowed(tmp_path / "root" / ".." / "other" / "a.png", roots)
+    assert not is_allowed(tmp_path / "rootx" / "a.png", roots)  # a prefix is not a parent
+    assert is_allowed("/anywhere/a.png", ())
+
+
+def test_allowed_roots_setting_takes_a_json_list_or_commas(monkeypatch):
+    from core.config import Settings
+
+    monkeypatch.setenv("CAPTCHA_ALLOWED_ROOTS", "/data/a, /data/b")
+    assert Settings().allowed_roots == [Path("/data/a"), Path("/data/b")]
+    monkeypatch.setenv("CAPTCHA_ALLOWED_ROOTS", '["/data/with, comma"]')
+    assert Settings().allowed_roots == [Path("/data/with, comma")]
+
+
+def test_one_message_of_bad_files_fails_each_with_its_reason_and_decodes_the_rest(
+    detector, captchas, tmp_path, sqlite_url
+):
+    from core.images import load_image
+    from db.session import session_factory
+    from worker.decode import decode_images
+
+    files = build_folder(tmp_path / "root", tmp_path / "outside", captchas)
+    todo = register(sqlite_url, files)
+    assert len(todo) == len(files)
+    summary = decode_images(
+        todo, detector, session_factory(sqlite_url), 1, max_pixels=4_000_000, max_width=4096,
+        allowed_roots=resolve_roots([tmp_path / "root"]),
+    )  # fmt: skip
+    bad = {name for name, (_, reason) in files.items() if reason}
+    assert (summary.done, summary.failed) == (len(files) - len(bad), len(bad))
+
+    got = by_name(files, rows(sqlite_url))
+    for name, (path, reason) in files.items():
+        if reason is None:
+            assert got[name]["status"] == "done", (name, got[name]["error"])
+            alone = detector.predict([load_image(text_to_path(path_to_text(path)))], batch_size=1)[0]
+            assert got[name]["text"] == alone.text
+        else:
+            assert got[name]["status"] == "failed" and reason in got[name]["error"], (name, got[name]["error"])
+    # transparency composited on white gives back the RGB image, so the same string
+    assert np.array_equal(np.asarray(load_image(files["rgba"][0])), np.asarray(load_image(files["rgb"][0])))
+    assert got["rgba"]["text"] == got["rgb"]["text"] == got["non-utf8"]["text"]
+    assert got["rgb"]["text"]  # the model emits characters, so equal strings mean something
+    assert "\\xe9" in path_to_text(files["non-utf8"][0])
+
+
+def test_unexpected_decoder_errors_fail_the_image_not_the_batch(detector, captchas, monkeypatch, sqlite_url):
+    from db.session import session_factory
+    from worker import decode as decode_module
+
+    real = decode_module.load_image
+
+    def flaky(path, **kwargs):
+        if path == str(captchas[1]):
+            raise IndexError("tile index out of range")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(decode_module, "load_image", flaky)
+    todo = make_db(sqlite_url, [str(p) for p in captchas[:3]])
+    summary = decode_module.decode_images(todo, detector, session_factory(sqlite_url), 8, max_pixels=4_000_000,
+                                          max_width=4096)  # fmt: skip
+    assert (summary.done, summary.failed) == (2, 1)
+    row = rows(sqlite_url)[str(captchas[1])]
+    assert row["status"] == "failed" and "IndexError: tile index out of range" in row["error"]
+
+
+def test_task_records_an_unexpected_error_instead_of_leaving_images_pending(
+    monkeypatch, checkpoint, captchas, sqlite_url
+):
+    from core.config import get_settings
+    from worker import tasks
+
+    monkeypatch.setenv("CAPTCHA_CHECKPOINT", str(checkpoint))
+    monkeypatch.setenv("CAPTCHA_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("CAPTCHA_DEVICE", "cpu")
+    get_settings.cache_clear()
+    tasks.decode._runtime = None
+    todo = make_db(sqlite_url, [str(p) for p in captchas[:2]])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of file descriptors")
+
+    monkeypatch.setattr(tasks, "decode_images", broken)
+    try:
+        result = tasks.decode.apply(kwargs={"job_id": 1, "images": [list(x) for x in todo]})
+    finally:
+        tasks.decode._runtime = None
+        get_settings.cache_clear()
+    assert result.failed()
+    got = rows(sqlite_url)
+    assert {r["status"] for r in got.values()} == {"failed"}
+    assert all("worker error: RuntimeError: out of file descriptors" in r["error"] for r in got.values())
+
+
+def test_producer_refuses_paths_outside_the_allowed_roots(tmp_path, monkeypatch, sqlite_url, captchas):
+    import sqlalchemy as sa
+
+    from core.config import get_settings
+    from db.models import Image
+    from db.session import session_factory, upgrade
+    from producer.enqueue import EnqueueError, enqueue
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "ok-0.png").write_bytes(captchas[0].read_bytes())
+    (tmp_path / "root" / "escape-0.png").symlink_to(captchas[1])
+    upgrade(sqlite_url)
+    monkeypatch.setenv("CAPTCHA_ALLOWED_ROOTS", str(tmp_path / "root"))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(EnqueueError, match=r"1 of 2 images lie outside the allowed roots.*escape-0\.png ->"):
+            enqueue([tmp_path / "root"], database_url=sqlite_url, broker_url="redis://127.0.0.1:1/0")
+        with pytest.raises(EnqueueError, match="outside the allowed roots"):
+            enqueue([captchas[2]], database_url=sqlite_url, broker_url="redis://127.0.0.1:1/0")
+    finally:
+        get_settings.cache_clear()
+    with session_factory(sqlite_url)() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Image)) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole folder through the producer and a real worker process
+
+
+def test_a_real_worker_survives_a_folder_of_bad_files(tmp_path, captchas, checkpoint, redis_url, sqlite_url):
+    import uuid
+
+    import redis
+
+    from producer.enqueue import enqueue, wait_for_job
+    from worker.process import WorkerProcess
+
+    files = build_folder(tmp_path / "root", tmp_path / "outside", captchas)
+    (tmp_path / "root" / "sub").mkdir()
+    (tmp_path / "root" / "sub" / "loop").symlink_to(tmp_path / "root")  # a directory loop for --recursive
+    queue = f"bad-{uuid.uuid4().hex[:8]}"
+    env = {"CAPTCHA_BROKER_URL": redis_url, "CAPTCHA_DATABASE_URL": sqlite_url, "CAPTCHA_CHECKPOINT": str(checkpoint),
+           "CAPTCHA_ALLOWED_ROOTS": str(tmp_path / "root")}  # fmt: skip
+    from db.session import upgrade
+
+    upgrade(sqlite_url)
+    warnings: list[str] = []
+    try:
+        with WorkerProcess(tmp_path / "worker.log", queues=queue, batch_size=4, env=env) as worker:
+            # the producer here has no allowed roots: the worker must not trust the message
+            report = enqueue([tmp_path / "root", files["outside"][0]], recursive=True, queue=queue,
+                             database_url=sqlite_url, broker_url=redis_url, warn=warnings.append)  # fmt: skip
+            missing = len([n for n, (p, _) in files.items() if not os.path.lexists(p)])
+            assert report.enqueued == len(files) - missing  # the loop added nothing twice
+            assert any("loop" in w for w in warnings)
+            waited = wait_for_job(report.job_id, database_url=sqlite_url, timeout_s=120)
+            assert waited.pending == 0, worker.log()[-3000:]
+            got = rows(sqlite_url)
+            for name, (path, reason) in files.items():
+                if name == "missing":
+                    continue
+                row = got[path_to_text(path)]
+                if reason is None:
+                    assert row["status"] == "done", (name, row["error"])
+                else:
+                    assert row["status"] == "failed" and reason in row["error"], (name, row["error"])
+            assert worker.process.poll() is None  # still up
+        assert "Traceback" not in worker.log()
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        client.delete(queue)
+        client.close()
