@@ -1,0 +1,240 @@
+"""Security: JSON-only messages, checkpoints never unpickled, passwords masked, no open service ports, bound SQL."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.celery_app import DECODE_TASK, app
+from core.config import mask_url
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ("core", "db", "worker", "producer", "bench")
+SECRET = "s3cr3t-Pa55"
+
+
+class WritesMarker:
+    """Unpickling this object creates a file: proof that a payload was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def project_sources() -> list[Path]:
+    return sorted(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# broker messages
+
+
+def test_a_pickled_message_is_refused_by_a_real_worker(tmp_path, redis_url, sqlite_url):
+    import redis
+
+    from worker.process import WorkerProcess
+
+    marker = tmp_path / "unpickled"
+    queue = f"sec-{uuid.uuid4().hex[:8]}"
+    env = {"CAPTCHA_BROKER_URL": redis_url, "CAPTCHA_DATABASE_URL": sqlite_url}
+    try:
+        with WorkerProcess(tmp_path / "worker.log", queues=queue, env=env) as worker:
+            with app.connection_for_write(redis_url) as conn:
+                app.send_task(DECODE_TASK, kwargs={"job_id": 1, "images": [WritesMarker(marker)]}, queue=queue,
+                              serializer="pickle", connection=conn)  # fmt: skip
+            deadline = time.monotonic() + 30
+            while "Refusing to deserialize" not in worker.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "Refusing to deserialize untrusted content of type pickle" in worker.log()
+            assert worker.process.poll() is None
+        assert not marker.exists()
+        client = redis.Redis.from_url(redis_url)
+        assert client.llen(queue) == 0  # dropped, not left to be retried
+        client.close()
+    finally:
+        redis.Redis.from_url(redis_url).delete(queue)
+
+
+def test_celery_accepts_json_only():
+    from kombu.exceptions import ContentDisallowed
+    from kombu.serialization import dumps, loads
+
+    assert list(app.conf.accept_content) == ["json"] and list(app.conf.result_accept_content) == ["json"]
+    assert app.conf.task_serializer == app.conf.result_serializer == app.conf.event_serializer == "json"
+    content_type, encoding, body = dumps({"x": 1}, serializer="pickle")
+    with pytest.raises(ContentDisallowed):
+        loads(body, content_type, encoding, accept=app.conf.accept_content)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_a_pickle_disguised_as_a_checkpoint_is_refused_without_being_unpickled(tmp_path):
+    import torch
+
+    from core.checkpoint import CheckpointError, load_checkpoint, metadata_path, save_checkpoint, sha256_file
+    from core.models import build_model
+
+    path = save_checkpoint(build_model("fast"), tmp_path / "model.safetensors")
+    marker = tmp_path / "unpickled"
+    torch.save({"weights": WritesMarker(marker)}, path)  # a torch pickle in place of the weights
+    meta = json.loads(metadata_path(path).read_text())
+    meta["sha256"] = sha256_file(path)  # even with matching metadata
+    metadata_path(path).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_no_code_unpickles():
+    """No ``pickle.load(s)``, and ``torch.load`` only with ``weights_only=True``, anywhere in the project."""
+    offenders = []
+    for path in project_sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            if owner in ("pickle", "cPickle", "dill", "joblib") and node.func.attr in ("load", "loads"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            if owner == "torch" and node.func.attr == "load":
+                safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
+                if not safe:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# passwords
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@redis.internal:6379/0",
+        f"redis://default:{SECRET}@redis.internal/0",
+        f"postgresql+psycopg://captcha:{SECRET}@db.internal:5432/captcha",
+        f"postgresql+psycopg://captcha:{SECRET}%40x@db.internal/captcha?sslmode=require",
+    ],
+)
+def test_mask_url_hides_the_password_and_keeps_the_rest(url):
+    masked = mask_url(url)
+    assert SECRET not in masked and "***" in masked
+    assert masked.split("@")[-1] == url.split("@")[-1]
+    assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+def test_cli_output_never_shows_a_password(tmp_path):
+    bad_db = f"postgresql+psycopg://captcha:{SECRET}@127.0.0.1:1/captcha"
+    bad_broker = f"redis://:{SECRET}@127.0.0.1:1/0"
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    (tmp_path / "in").mkdir()
+    outputs = [
+        run_cli("status", CAPTCHA_DATABASE_URL=bad_db, CAPTCHA_BROKER_URL=bad_broker),
+        run_cli("results", CAPTCHA_DATABASE_URL=bad_db),
+        run_cli("db", "upgrade", CAPTCHA_DATABASE_URL=bad_db),
+        run_cli("enqueue", str(tmp_path / "in"), CAPTCHA_DATABASE_URL=db, CAPTCHA_BROKER_URL=bad_broker),
+        run_cli("status", CAPTCHA_DATABASE_URL=db, CAPTCHA_BROKER_URL=bad_broker),
+    ]
+    for out in outputs:
+        text = out.stdout + out.stderr
+        assert SECRET not in text, text
+    assert all("***" in out.stdout + out.stderr for out in outputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deployment
+
+
+def test_compose_publishes_redis_and_postgres_on_localhost_only_with_passwords():
+    compose = ROOT / "docker-compose.yml"
+    if not compose.exists():
+        pytest.skip("no docker-compose.yml")
+    services = yaml.safe_load(compose.read_text())["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            spec = str(port if not isinstance(port, dict) else port.get("host_ip", "") + ":" + str(port["published"]))
+            assert spec.startswith("127.0.0.1:"), f"{name} publishes {spec} beyond localhost"
+    stores = {name: s for name, s in services.items() if str(s.get("image", "")).split(":")[0] in ("redis", "postgres")}
+    assert len(stores) == 2
+    for name, service in stores.items():
+        if service["image"].startswith("redis"):
+            assert "--requirepass" in service["command"]
+        else:
+            password = service["environment"]["POSTGRES_PASSWORD"]
+            assert password.startswith("${"), f"{name}: a literal password in the compose file"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SQL
+
+
+def _interpolations_are_constants(node: ast.AST) -> bool:
+    """Whether every value formatted into a string is an UPPER_CASE module constant."""
+    values = [v.value for v in ast.walk(node) if isinstance(v, ast.FormattedValue)]
+    return all(isinstance(v, ast.Name) and v.id.isupper() for v in values)
+
+
+def test_sql_is_never_built_from_values():
+    """Statements passed to ``text``/``execute``/``exec_driver_sql`` are literals (or format in constants only)."""
+    offenders = []
+    for path in project_sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name not in ("text", "execute", "exec_driver_sql", "executemany"):
+                continue
+            arg = node.args[0]
+            built = isinstance(arg, ast.BinOp) and isinstance(arg.op, (ast.Add, ast.Mod)) and any(
+                isinstance(side, (ast.Constant, ast.JoinedStr)) for side in (arg.left, arg.right)
+            )
+            built |= isinstance(arg, ast.Call) and getattr(arg.func, "attr", "") == "format"
+            built |= isinstance(arg, ast.JoinedStr) and not _interpolations_are_constants(arg)
+            if built and path.name != "faults.py":  # the fault script names databases it creates itself
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_hostile_strings_are_data_not_sql(sqlite_url):
+    import sqlalchemy as sa
+
+    from db.models import Image, Result
+    from db.queries import query_results
+    from db.repository import CharOutcome, ImageOutcome, create_job, record_outcomes, register_images
+    from db.session import session_factory, upgrade
+
+    upgrade(sqlite_url)
+    hostile = "/data/x'; DROP TABLE results; --.png"
+    with session_factory(sqlite_url)() as session, session.begin():
+        job = create_job(session, "j'; DELETE FROM jobs; --")
+        todo = register_images(session, job, [(hostile, 1, 1), ("/data/ab-0.png", 1, 1)])
+        record_outcomes(session, [
+            ImageOutcome(image_id=i, status="done", model_version="v1", text="ab", score=0.9, width=10, height=10,
+                         chars=[CharOutcome(0, "a", (0, 0, 1, 1), 0.9), CharOutcome(1, "b", (1, 0, 2, 1), 0.9)])
+            for i, _ in todo
+        ])  # fmt: skip
+    with session_factory(sqlite_url)() as session:
+        assert query_results(session, text="ab' OR '1'='1") == []
+        assert query_results(session, job="x' OR '1'='1") == []
+        assert len(query_results(session, text="ab")) == 2
+        assert {r["path"] for r in query_results(session, job="j'; DELETE FROM jobs; --")} == {hostile, "/data/ab-0.png"}
+        assert session.scalar(sa.select(sa.func.count()).select_from(Result)) == 2
+        assert session.scalar(sa.select(Image.path).where(Image.path == hostile)) == hostile
