@@ -251,6 +251,12 @@ def audit(db: str, job_id: int, outcome: Outcome) -> None:
         if [i for i, _ in got] != list(range(len(rows[0].text))) or "".join(c for _, c in got) != rows[0].text:
             torn += 1
     outcome.torn = torn
+    with session_factory(db)() as session:
+        errors = session.execute(
+            sa.select(Image.error, sa.func.count()).where(Image.job_id == job_id, Image.status == "failed")
+            .group_by(Image.error).limit(3)
+        ).all()  # fmt: skip
+    outcome.notes += [f"{count} failed: {error[:200]}" for error, count in errors]
 
 
 # ---------------------------------------------------------------------------------------------------------------
