@@ -736,7 +736,9 @@ def _accuracy(value) -> str:
 
 
 @models_app.callback()
-def models_callback(ctx: typer.Context, database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP)) -> None:
+def models_callback(
+    ctx: typer.Context, database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP)
+) -> None:
     """Without a subcommand: the same as `models list`."""
     if ctx.invoked_subcommand is None:
         models_list(database_url=database_url, runs=5)
@@ -775,9 +777,10 @@ def models_list(
         runs_table = Table("task", "status", "epoch", "progress", "version", "updated", "worker", title="training runs")
         for r in latest:
             updated = r.updated_at or r.created_at
+            detail = (r.error or "")[:80] if r.status == "failed" else _progress_text(r.progress)
+            produced = f"v{r.version}" + (" (champion)" if r.promoted else "") if r.version else "-"
             runs_table.add_row(
-                r.task_id[:8], r.status, f"{r.epoch}/{r.epochs}", _progress_text(r.progress) if r.status != "failed"
-                else (r.error or "")[:80], f"v{r.version}" + (" (champion)" if r.promoted else "") if r.version else "-",
+                r.task_id[:8], r.status, f"{r.epoch}/{r.epochs}", detail, produced,
                 f"{(now - updated).total_seconds():.0f} s ago", r.worker or "-",
             )  # fmt: skip
         console.print(runs_table)

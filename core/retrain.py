@@ -78,6 +78,10 @@ class RetrainRequest:
             if not isinstance(data.get(name), str) or not data[name]:
                 raise RetrainError(f"'{name}' must be a folder path")
         request = cls(**data)
+        if request.from_version is not None and (
+            not isinstance(request.from_version, int) or isinstance(request.from_version, bool)
+        ):
+            raise RetrainError("'from_version' must be a version number")
         if request.scratch and request.from_version is not None:
             raise RetrainError("give either from_version or scratch, not both")
         for name in ("epochs", "batch_size", "val_batch_size"):

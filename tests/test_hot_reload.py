@@ -78,7 +78,8 @@ def send_stream(broker: str, sessions, paths: list[str], queue: str) -> None:
 
     with sessions() as session, session.begin():
         job = create_job(session, "stream")
-        todo = register_images(session, job, [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths], force=True)
+        files = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+        todo = register_images(session, job, files, force=True)
     with app.connection_for_write(broker) as conn, app.amqp.Producer(conn) as producer:
         publish(producer, job.id, todo, queue, PER_MESSAGE)
 
@@ -136,7 +137,8 @@ def test_workers_switch_to_a_promoted_retrain_while_decoding(tmp_path, data, red
 
     with sessions() as session:
         statuses = dict(session.execute(sa.select(Image.status, sa.func.count()).group_by(Image.status)).all())
-        versions = dict(session.execute(sa.select(Result.model_version, sa.func.count()).group_by(Result.model_version)).all())
+        by_version = sa.select(Result.model_version, sa.func.count()).group_by(Result.model_version)
+        versions = dict(session.execute(by_version).all())
         events = session.scalars(sa.select(WorkerEvent).order_by(WorkerEvent.id)).all()
         last_switch = max(e.at for e in events if e.event == "switch")
         late = set(session.scalars(sa.select(Result.model_version).where(Result.created_at > last_switch)))
