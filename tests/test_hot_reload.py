@@ -6,12 +6,15 @@ Also: a training worker killed mid-run publishes nothing, and the retrain comman
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,6 +97,18 @@ def queue_depth(broker: str, queue: str) -> int:
         client.close()
 
 
+@contextlib.contextmanager
+def started_in_background(worker: WorkerProcess) -> Iterator[Future]:
+    """Start ``worker`` in a thread (the future says when it is ready); always stop it on leaving."""
+    with ThreadPoolExecutor(1) as pool:
+        ready = pool.submit(worker.start)
+        try:
+            yield ready
+        finally:
+            ready.exception()
+            worker.stop()
+
+
 def test_workers_switch_to_a_promoted_retrain_while_decoding(tmp_path, data, redis_url, sqlite_url, queues):
     from db.models import Image, ModelVersion, Result, TrainingRun, WorkerEvent
     from db.session import session_factory, upgrade
@@ -105,10 +120,11 @@ def test_workers_switch_to_a_promoted_retrain_while_decoding(tmp_path, data, red
     paths = [str(p) for p in sorted((data / "stream" / "images").glob("*.png"))]
     decoder = WorkerProcess(tmp_path / "decode.log", queues=decode_queue, concurrency=2, batch_size=4, env=env)
     trainer = WorkerProcess(tmp_path / "train.log", queues=train_queue, env=env)
-    with decoder, trainer:
-        sent = cli(*retrain_args(data, train_queue, "--epochs", "1"), env=env)
+    with decoder, started_in_background(trainer) as trainer_ready:
+        sent = cli(*retrain_args(data, train_queue, "--epochs", "1"), env=env)  # while the trainer starts
         assert sent.returncode == 0, sent.stderr
         task_id = sent.stdout.strip()
+        trainer_ready.result()
 
         promoted_at = None
         deadline = time.monotonic() + 240
@@ -120,7 +136,7 @@ def test_workers_switch_to_a_promoted_retrain_while_decoding(tmp_path, data, red
                 assert run.status != "failed", run.error + trainer.log()[-3000:]
                 if run.status == "succeeded" and promoted_at is None:
                     promoted_at = session.scalar(sa.select(ModelVersion.promoted_at).where(ModelVersion.number == 1))
-                    stop_at = time.monotonic() + SWITCH_WITHIN_S + 3
+                    stop_at = time.monotonic() + SWITCH_WITHIN_S + 2
             if promoted_at is not None and time.monotonic() > stop_at:
                 break
             time.sleep(0.2)
