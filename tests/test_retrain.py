@@ -214,3 +214,30 @@ def test_a_failed_run_publishes_nothing_and_says_why(env, data, tmp_path):
         assert run.status == "failed" and "no usable training samples" in run.error
         assert list_versions(session) == []
     assert not list(store.glob("*.safetensors"))
+
+
+@pytest.mark.postgres
+def test_store_and_hot_reload_on_postgres(postgres_url, tmp_path):
+    from core.models import build_model
+    from core.registry import publish
+    from db.session import session_factory, upgrade
+    from worker.hot_reload import DetectorHolder
+
+    upgrade(postgres_url)
+    sessions = session_factory(postgres_url)
+    model = build_model("fast", **TINY)
+    with sessions() as session, session.begin():
+        for token in ("a", "b"):
+            row = publish(session, model, tmp_path, token=token, parent=None, metrics={"m": 1}, data_summary={})
+            promote(session, row.number)
+    holder = DetectorHolder(sessions, "cpu", poll_interval=0.0)
+    assert holder.current().version == "v2"
+    with sessions() as session, session.begin():
+        retired, restored = rollback(session)
+    assert (retired.number, restored.number) == (2, 1)
+    assert holder.current().version == "v1"
+    with sessions() as session:
+        assert [(v.number, v.status, v.metrics) for v in list_versions(session)] == [(2, "retired", {"m": 1}),
+                                                                                    (1, "champion", {"m": 1})]
+        events = session.scalars(sa.select(WorkerEvent.event).order_by(WorkerEvent.id)).all()
+    assert events == ["load", "switch"]
