@@ -5,24 +5,14 @@ Decoding runs a real (small) detector on synthetic CAPTCHAs and writes to a real
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-import random
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
-from worker.decode import (
-    CPU_CALL_COST,
-    MessageError,
-    decode_images,
-    parse_images,
-    plan_batches,
-    plan_groups,
-)
+from worker.decode import MessageError, decode_images, parse_images, plan_batches
 from worker.main import WorkerConfigError, worker_argv
 
 
@@ -107,24 +97,23 @@ def rows(url: str) -> dict[str, dict]:
 
 
 def reference_texts(detector, items: list[tuple[int, str]], batch_size: int) -> dict[str, str]:
-    """What ``Detector.predict`` decodes in-process for the same inference groups the worker forms.
+    """What ``Detector.predict`` decodes in-process for the same batches the worker forms.
 
-    Predictions depend on which images share a padded batch, so the reference predicts the same groups.
+    Predictions depend on which images share a padded batch, so the reference predicts the same batches.
     """
     from core.images import ImageError, load_image
 
     texts = {}
-    for batch in plan_batches(items, batch_size, CPU_CALL_COST):
-        for group in batch:
-            readable = []
-            for i in group:
-                try:
-                    readable.append((items[i][1], load_image(items[i][1])))
-                except ImageError:
-                    pass
-            if readable:
-                for (path, _), pred in zip(readable, detector.predict([im for _, im in readable], batch_size=len(readable))):
-                    texts[path] = pred.text
+    for batch in plan_batches(items, batch_size):
+        readable = []
+        for i in batch:
+            try:
+                readable.append((items[i][1], load_image(items[i][1])))
+            except ImageError:
+                pass
+        if readable:
+            for (path, _), pred in zip(readable, detector.predict([im for _, im in readable], batch_size=len(readable))):
+                texts[path] = pred.text
     return texts
 
 
@@ -140,47 +129,19 @@ def test_parse_images_accepts_pairs_and_rejects_anything_else():
             parse_images(bad)
 
 
-def _cost(aspects, groups, call_cost):
-    return sum((end - start) * aspects[end - 1] + call_cost for start, end in groups)
+def test_plan_batches_orders_by_aspect_and_covers_every_image_once(captchas, tmp_path):
+    from PIL import Image
 
-
-def test_plan_groups_is_the_cheapest_split_and_respects_batch_size():
-    rng = random.Random(0)
-    for trial in range(30):
-        n = rng.randint(1, 9)
-        batch_size = rng.randint(1, 5)
-        aspects = sorted(rng.uniform(1.5, 10.0) for _ in range(n))
-        groups = plan_groups(aspects, batch_size, CPU_CALL_COST)
-        assert groups[0][0] == 0 and groups[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
-        assert all(0 < end - start <= batch_size for start, end in groups)
-        # exhaustive search over every split into consecutive groups
-        best = math.inf
-        for cuts in itertools.product([False, True], repeat=n - 1):
-            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
-            split = list(zip(bounds, bounds[1:]))
-            if all(end - start <= batch_size for start, end in split):
-                best = min(best, _cost(aspects, split, CPU_CALL_COST))
-        assert _cost(aspects, groups, CPU_CALL_COST) == pytest.approx(best)
-
-
-def test_plan_groups_separates_widths_on_cpu_and_fills_batches_when_calls_are_expensive():
-    aspects = [2.0] * 10 + [9.0] * 10
-    assert plan_groups(aspects, 32, CPU_CALL_COST) == [(0, 10), (10, 20)]
-    assert plan_groups(aspects, 32, 1000.0) == [(0, 20)]
-    full = plan_groups([5.0] * 70, 32, 1000.0)
-    assert len(full) == 3 and all(end - start <= 32 for start, end in full)
-
-
-def test_plan_batches_covers_every_image_once_in_batches_of_at_most_batch_size(captchas, tmp_path):
     broken = tmp_path / "broken-0.png"
     broken.write_bytes(b"not a png")
     items = [(i, str(p)) for i, p in enumerate(captchas)] + [(99, str(broken))]
-    batches = plan_batches(items, 8, CPU_CALL_COST)
-    flat = [i for batch in batches for group in batch for i in group]
+    batches = plan_batches(items, 5)
+    flat = [i for batch in batches for i in batch]
     assert sorted(flat) == list(range(len(items)))
-    assert all(sum(len(g) for g in batch) <= 8 for batch in batches)
+    assert [len(b) for b in batches] == [5, 5, 5, 2]
     assert flat[0] == len(items) - 1  # unreadable header: aspect 0, planned first (and failed on load)
+    widths = [Image.open(items[i][1]).width for i in flat[1:]]  # synthetic CAPTCHAs are all 80 px high
+    assert widths == sorted(widths)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +166,7 @@ def test_decode_writes_every_image_one_transaction_per_batch(detector, captchas,
     )
 
     assert (summary.done, summary.failed) == (len(captchas), 2)
-    assert len(commits) == len(plan_batches(items, 8, CPU_CALL_COST)) >= 3
+    assert len(commits) == len(plan_batches(items, 8)) == 3
     got = rows(sqlite_url)
     assert {p: r["text"] for p, r in got.items() if r["status"] == "done"} == expected
     assert any(expected.values())  # the model does emit characters

@@ -1,18 +1,16 @@
 """Decoding one message: load its images, run the detector in batches, write each batch in one transaction.
 
-The detector pads every image of a call to the widest one, so a message is first ordered by aspect ratio and split
-into inference groups of similar widths (at most ``batch_size`` images; on CPU, where padding costs compute, more
-and smaller groups when widths differ a lot). Loading the next batch (PNG decoding, in a background thread)
-overlaps inference on the current one. An image that cannot be read becomes a ``failed`` outcome with a readable
-reason and the rest of the batch goes on; if inference fails for a group, its images are retried one by one so
-only the offending image fails. Writes go through ``db.repository.record_outcomes``, which upserts, so a
-redelivered message rewrites the same rows.
+The detector pads every image of a batch to the widest one, so a message is first ordered by aspect ratio (read
+from the file headers) and cut into batches of ``batch_size`` neighbours in width. Loading the next batch (PNG
+decoding, in a background thread) overlaps inference on the current one. An image that cannot be read becomes a
+``failed`` outcome with a readable reason and the rest of the batch goes on; if inference fails for a batch, its
+images are retried one by one so only the offending image fails. Writes go through
+``db.repository.record_outcomes``, which upserts, so a redelivered message rewrites the same rows.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,11 +30,6 @@ from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcom
 log = logging.getLogger(__name__)
 
 WRITE_ATTEMPTS = 4
-# Fixed cost of one detector call in units of image height of padded width (see ``plan_groups``). On CPU a call
-# costs about 4.5 ms and each unit of width about 2.2 ms per image (fast network, one thread); on a GPU the call
-# overhead dominates and padding is nearly free, so batches stay full.
-CPU_CALL_COST = 2.0
-GPU_CALL_COST = 1000.0
 
 
 class MessageError(ValueError):
@@ -94,49 +87,17 @@ def probe_aspect(path: str, allowed_roots: Sequence[Path] = ()) -> float:
     return width / height if height else 0.0
 
 
-def plan_groups(aspects: Sequence[float], batch_size: int, call_cost: float) -> list[tuple[int, int]]:
-    """Split ascending ``aspects`` into consecutive ``[start, end)`` inference groups of at most ``batch_size``.
-
-    A group is padded to its widest image, so it costs about ``len × max aspect`` plus a fixed ``call_cost`` per
-    detector call (both in units of image height). Dynamic programming finds the cheapest split: on CPU, where
-    padding costs real compute, images of very different widths go to different calls; with a large ``call_cost``
-    (GPU) it is simply the fewest full batches.
-    """
-    n = len(aspects)
-    best = [0.0] + [math.inf] * n
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        for start in range(max(0, end - batch_size), end):
-            cost = best[start] + (end - start) * aspects[end - 1] + call_cost
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups = []
-    end = n
-    while end > 0:
-        groups.append((cut[end], end))
-        end = cut[end]
-    return groups[::-1]
-
-
 def plan_batches(
-    items: Sequence[tuple[int, str]], batch_size: int, call_cost: float, allowed_roots: Sequence[Path] = ()
-) -> list[list[list[int]]]:
-    """How a message is decoded: write batches (at most ``batch_size`` images each) of inference groups.
+    items: Sequence[tuple[int, str]], batch_size: int, allowed_roots: Sequence[Path] = ()
+) -> list[list[int]]:
+    """Indices into ``items`` in batches of at most ``batch_size``, ordered by aspect ratio (from the file headers).
 
-    Returns indices into ``items``. Images are ordered by aspect ratio (from their file headers), split into
-    inference groups by ``plan_groups`` and consecutive groups are packed into batches.
+    The detector pads a batch to its widest image, so neighbours in width share a batch; unreadable files (aspect
+    0) come first and fail when loaded.
     """
     aspects = [probe_aspect(path, allowed_roots) for _, path in items]
     order = sorted(range(len(items)), key=aspects.__getitem__)
-    batches: list[list[list[int]]] = []
-    size = batch_size
-    for start, end in plan_groups([aspects[i] for i in order], batch_size, call_cost):
-        if size + end - start > batch_size:
-            batches.append([])
-            size = 0
-        batches[-1].append(order[start:end])
-        size += end - start
-    return batches
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def load_batch(
@@ -173,7 +134,7 @@ def _predict(detector, images: list[Image.Image]) -> list[object | Exception]:
     try:
         return list(detector.predict(images, batch_size=len(images)))
     except Exception:  # one bad input must not fail the others
-        log.exception("inference failed for a group of %d images; retrying image by image", len(images))
+        log.exception("inference failed for a batch of %d images; retrying image by image", len(images))
     results: list[object | Exception] = []
     for image in images:
         try:
@@ -183,7 +144,7 @@ def _predict(detector, images: list[Image.Image]) -> list[object | Exception]:
     return results
 
 
-def infer_group(detector, loaded: Sequence[_Loaded]) -> list[ImageOutcome]:
+def infer_batch(detector, loaded: Sequence[_Loaded]) -> list[ImageOutcome]:
     """Run the detector once on the readable images of ``loaded``; one outcome per input, in order."""
     ok = [item for item in loaded if item.image is not None]
     start = time.perf_counter()
@@ -277,11 +238,10 @@ def decode_images(
     """
     if not items:
         return DecodeSummary(0, 0, 0.0, 0.0, 0.0)
-    call_cost = GPU_CALL_COST if detector.device.type == "cuda" else CPU_CALL_COST
-    batches = plan_batches(items, batch_size, call_cost, allowed_roots)
+    batches = plan_batches(items, batch_size, allowed_roots)
 
-    def load(batch: list[list[int]]) -> list[_Loaded]:
-        return load_batch([items[i] for group in batch for i in group], max_pixels, max_width, allowed_roots)
+    def load(batch: list[int]) -> list[_Loaded]:
+        return load_batch([items[i] for i in batch], max_pixels, max_width, allowed_roots)
 
     done = failed = 0
     load_ms = infer_ms = write_ms = 0.0
@@ -294,11 +254,7 @@ def decode_images(
             if refresh is not None:
                 detector = refresh()
             start = time.perf_counter()
-            outcomes: list[ImageOutcome] = []
-            offset = 0
-            for group in batch:
-                outcomes += infer_group(detector, loaded[offset : offset + len(group)])
-                offset += len(group)
+            outcomes = infer_batch(detector, loaded)
             mid = time.perf_counter()
             write_outcomes(sessions, outcomes)
             end = time.perf_counter()
