@@ -545,7 +545,11 @@ def enqueue(
     )
     typer.echo(report.job_id)
     if wait:
-        waited = wait_for_job(report.job_id, progress=True)
+        try:
+            waited = wait_for_job(report.job_id, progress=True)
+        except KeyboardInterrupt:
+            console.print(f"stopped waiting; job {report.job_id} goes on (captcha-queue status {report.job_id})")
+            raise typer.Exit(130) from None
         console.print(
             f"job {report.job_id}: {waited.done} done, {waited.failed} failed of {waited.total}; "
             f"{waited.images_per_s:.1f} images/s"
