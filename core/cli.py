@@ -711,7 +711,11 @@ def _follow_run(sessions, task_id: str, poll: float = 1.0) -> None:
             typer.echo(f"epoch {run.epoch}/{run.epochs}: {_progress_text(run.progress)}", err=True)
         if run.status == "succeeded":
             reason = run.progress.get("promotion", "")
-            typer.echo(f"published v{run.version} ({_progress_text(run.progress)}); {reason}", err=True)
+            typer.echo(
+                f"published v{run.version} after {run.epoch}/{run.epochs} epochs (best epoch: "
+                f"{_progress_text(run.progress)}); {reason}",
+                err=True,
+            )
             return
         if run.status == "failed":
             raise _fail(f"training failed: {run.error}")

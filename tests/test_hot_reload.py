@@ -224,7 +224,7 @@ def test_retrain_wait_then_models_commands(tmp_path, data, redis_url, sqlite_url
     with WorkerProcess(tmp_path / "train.log", queues=train_queue, env=env) as trainer:
         first = cli(*retrain_args(data, train_queue, "--epochs", "1", "--wait"), env=env)
         assert first.returncode == 0, first.stderr + trainer.log()[-3000:]
-        assert "epoch 1/1" in first.stderr and "published v1" in first.stderr and "promoted" in first.stderr
+        assert "published v1 after 1/1 epochs" in first.stderr and "promoted" in first.stderr
         second = cli(*retrain_args(data, train_queue, "--epochs", "1", "--force", "--wait"), env=env)
         assert second.returncode == 0 and "published v2" in second.stderr and "forced" in second.stderr
         missing = cli(*retrain_args(data, train_queue, "--from", "7", scratch=False), env=env)
