@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,12 +306,12 @@ def fault_kill(run: Run, job_id: int, todo, queue: str, out: Outcome, sig: int) 
                 worker.process.kill()
                 worker.process.wait()
             else:
+                sent_at = datetime.now()  # Celery logs local time
                 worker.process.send_signal(signal.SIGTERM)
                 code = worker.process.wait(timeout=120)
-                log = worker.log()
-                after = log[log.find("shutdown (MainProcess)") :] if "shutdown (MainProcess)" in log else ""
-                finished = len(re.findall(r"job \d+: \d+ images", after))
-                out.notes.append(f"exit {code}, messages finished after SIGTERM: {finished}")
+                stamps = re.findall(r"^\[([\d-]+ [\d:]+,\d+): INFO/MainProcess\] job \d+: \d+ images", worker.log(), re.M)
+                finished = sum(datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") >= sent_at for t in stamps)
+                out.notes.append(f"exit status {code}; messages finished between SIGTERM and exit: {finished}")
             out.injected += 1
             worker = run.worker(queue).start()
         wait_until(run.db, job_id, total, run.timeout() + VISIBILITY_TIMEOUT_S * (run.args.kills + 2))
