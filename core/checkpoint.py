@@ -197,9 +197,27 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot build model from model_config {meta['model_config']}: {exc}") from None
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the {meta['arch']!r} architecture: {exc}") from None
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path}: weights do not match the {meta['arch']!r} architecture built from its model_config "
+            f"({_state_mismatch(model.state_dict(), state)}); was the network changed since it was trained?"
+        ) from None
     return model.to(device).eval(), meta
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """A short account of how two state dicts differ (key counts and a few names)."""
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
+    parts = [f"{len(missing)} missing: {some(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected: {some(unexpected)}"] if unexpected else []
+    parts += [f"{len(shapes)} of another shape: {some(shapes)}"] if shapes else []
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
