@@ -120,8 +120,22 @@ def test_workers_switch_to_a_promoted_retrain_while_decoding(tmp_path, data, red
     paths = [str(p) for p in sorted((data / "stream" / "images").glob("*.png"))]
     decoder = WorkerProcess(tmp_path / "decode.log", queues=decode_queue, concurrency=2, batch_size=4, env=env)
     trainer = WorkerProcess(tmp_path / "train.log", queues=train_queue, env=env)
+    def top_up() -> None:
+        if queue_depth(redis_url, decode_queue) < 4:
+            send_stream(redis_url, sessions, paths, decode_queue)
+
     with decoder, started_in_background(trainer) as trainer_ready:
-        sent = cli(*retrain_args(data, train_queue, "--epochs", "1"), env=env)  # while the trainer starts
+        # both decode processes are decoding with the configured model before the retrain is sent
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            top_up()
+            with sessions() as session:
+                loaded = session.scalar(sa.select(sa.func.count()).where(WorkerEvent.event == "load"))
+            if loaded == 2:
+                break
+            time.sleep(0.2)
+        assert loaded == 2, decoder.log()[-3000:]
+        sent = cli(*retrain_args(data, train_queue, "--epochs", "1"), env=env)
         assert sent.returncode == 0, sent.stderr
         task_id = sent.stdout.strip()
         trainer_ready.result()
@@ -129,8 +143,7 @@ def test_workers_switch_to_a_promoted_retrain_while_decoding(tmp_path, data, red
         promoted_at = None
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if queue_depth(redis_url, decode_queue) < 4:
-                send_stream(redis_url, sessions, paths, decode_queue)
+            top_up()
             with sessions() as session:
                 run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == task_id))
                 assert run.status != "failed", run.error + trainer.log()[-3000:]
