@@ -10,12 +10,14 @@ light top-down merge gives one stride-4 feature map that the RPN and the RoI hea
     merge   1x1(stage1) + upsample(1x1(stage2)), 3x3 conv       -> feature_width channels, stride 4
     RPN     3x3 conv, per anchor 1 objectness logit + 4 deltas  (anchor_sizes x aspect_ratios at stride 4)
     head    RoIAlign roi_size x roi_size (scale 1/4) -> FC head_width -> FC head_width
-            -> 37 class logits + 4 class-agnostic box deltas
+            -> objectness + 36 character logits (factorised, see BoxHead), 4 class-agnostic box deltas
 
 Losses (training): ``rpn_cls`` (binary cross-entropy over ``rpn_batch_per_image`` sampled anchors per image),
-``rpn_reg`` (smooth L1 of positive anchors), ``cls`` (37-way cross-entropy over ``box_batch_per_image`` sampled
-proposals per image, ground truth included), ``box_reg`` (smooth L1 of the second-stage deltas of positives).
-Matching, sampling and proposal selection run batched over the padded batch (batched NMS with image offsets).
+``rpn_reg`` (smooth L1 of positive anchors), ``cls`` (negative log-likelihood of the factorised 37-way class
+distribution over ``box_batch_per_image`` sampled proposals per image, ground truth included), ``box_reg`` (smooth
+L1 of the second-stage deltas of positives, times ``box_reg_weight``). Matching, sampling and proposal selection run
+batched over the padded batch (batched NMS with image offsets); RoIAlign is a weighted gather (``roi_align.py``).
+In eval mode BatchNorm is folded into the convolutions and the backbone runs channels-last.
 """
 
 from __future__ import annotations
@@ -25,32 +27,47 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms
 
 from core.models.anchors import AnchorGrid, anchor_shapes
 from core.models.boxes import BoxCoder, clip_boxes, pairwise_iou
 from core.models.decode import rank_in_group, select_detections
-from core.models.matching import match, pad_targets, sample
+from core.models.matching import IGNORE, match, pad_targets, sample
+from core.models.roi_align import roi_align
 from core.models.transform import ImageBatch, ImageTransform
 
 
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, stride: int = 1, kernel: int = 3) -> None:
-        super().__init__(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+class ConvBN(nn.Module):
+    """Conv (no bias) + BatchNorm (+ ReLU). In eval mode the BatchNorm is folded into the conv weights on the fly,
+    so inference runs one convolution and no normalisation pass."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, kernel: int = 3, relu: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            x = self.bn(self.conv(x))
+        else:
+            bn = self.bn
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            x = F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale,
+                         self.conv.stride, self.conv.padding)
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 conv + BN, identity shortcut."""
+    """ResNet basic block: two 3x3 ConvBN, identity shortcut."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.conv1 = ConvBNReLU(width, width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.conv1 = ConvBN(width, width)
+        self.conv2 = ConvBN(width, width, relu=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x + self.bn2(self.conv2(self.conv1(x))))
+        return F.relu(x + self.conv2(self.conv1(x)))
 
 
 class Backbone(nn.Module):
@@ -59,12 +76,12 @@ class Backbone(nn.Module):
     def __init__(self, widths: Sequence[int], depths: Sequence[int], feature_width: int) -> None:
         super().__init__()
         w0, w1, w2 = widths
-        self.stem = ConvBNReLU(3, w0, stride=2)
-        self.stage1 = nn.Sequential(ConvBNReLU(w0, w1, stride=2), *[BasicBlock(w1) for _ in range(depths[0])])
-        self.stage2 = nn.Sequential(ConvBNReLU(w1, w2, stride=2), *[BasicBlock(w2) for _ in range(depths[1])])
+        self.stem = ConvBN(3, w0, stride=2)
+        self.stage1 = nn.Sequential(ConvBN(w0, w1, stride=2), *[BasicBlock(w1) for _ in range(depths[0])])
+        self.stage2 = nn.Sequential(ConvBN(w1, w2, stride=2), *[BasicBlock(w2) for _ in range(depths[1])])
         self.lateral1 = nn.Conv2d(w1, feature_width, 1)
         self.lateral2 = nn.Conv2d(w2, feature_width, 1)
-        self.smooth = ConvBNReLU(feature_width, feature_width)
+        self.smooth = ConvBN(feature_width, feature_width)
 
     def forward(self, x: Tensor) -> Tensor:
         c1 = self.stage1(self.stem(x))
@@ -93,13 +110,19 @@ class RPNHead(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """Two fully connected layers on pooled RoI features, then class logits and class-agnostic deltas."""
+    """Two fully connected layers on pooled RoI features, then class log-probabilities and class-agnostic deltas.
+
+    Classification is factorised: an objectness logit ``o`` and 36 character logits ``z`` give
+    ``log p(char c) = log sigmoid(o) + log_softmax(z)_c`` and ``log p(background) = log sigmoid(-o)``, returned as
+    37 log-probabilities. Cross-entropy on them is binary cross-entropy on ``o`` plus, for characters only, a
+    36-way cross-entropy on ``z``: telling characters apart is not drowned by the many background boxes.
+    """
 
     def __init__(self, in_features: int, width: int, num_classes: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, width)
         self.fc2 = nn.Linear(width, width)
-        self.cls = nn.Linear(width, num_classes + 1)
+        self.cls = nn.Linear(width, num_classes + 1)  # num_classes character logits, then the objectness logit
         self.reg = nn.Linear(width, 4)
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.normal_(self.reg.weight, std=0.001)
@@ -107,9 +130,12 @@ class BoxHead(nn.Module):
         nn.init.zeros_(self.reg.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``[R, C, s, s]`` -> logits ``[R, num_classes + 1]``, deltas ``[R, 4]``."""
+        """``[R, C, s, s]`` -> log-probabilities ``[R, num_classes + 1]`` (last = background), deltas ``[R, 4]``."""
         x = F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
-        return self.cls(x), self.reg(x)
+        logits = self.cls(x)
+        chars, obj = logits[:, :-1], logits[:, -1:]
+        log_probs = torch.cat((F.log_softmax(chars, dim=1) + F.logsigmoid(obj), F.logsigmoid(-obj)), dim=1)
+        return log_probs, self.reg(x)
 
 
 class FastRCNN(nn.Module):
@@ -127,6 +153,7 @@ class FastRCNN(nn.Module):
         anchor_sizes: Sequence[float] = (12.0, 20.0, 32.0),
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         roi_size: int = 7,
+        roi_sampling_ratio: int = 2,
         head_width: int = 256,
         rpn_fg_iou: float = 0.7,
         rpn_bg_iou: float = 0.3,
@@ -141,32 +168,51 @@ class FastRCNN(nn.Module):
         box_bg_iou: float = 0.5,
         box_batch_per_image: int = 64,
         box_positive_fraction: float = 0.5,
+        box_reg_weight: float = 0.25,
         score_thresh: float = 0.5,
         nms_thresh: float = 0.5,
         cross_class_nms_thresh: float | None = 0.7,
         detections_per_img: int = 16,
     ) -> None:
         super().__init__()
-        self.config = {
-            "arch": "fast", "num_classes": num_classes, "input_height": input_height, "widths": list(widths),
-            "depths": list(depths), "feature_width": feature_width, "anchor_sizes": list(anchor_sizes),
-            "aspect_ratios": list(aspect_ratios), "roi_size": roi_size, "head_width": head_width,
-            "rpn_fg_iou": rpn_fg_iou, "rpn_bg_iou": rpn_bg_iou, "rpn_batch_per_image": rpn_batch_per_image,
-            "rpn_positive_fraction": rpn_positive_fraction, "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
-            "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train, "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
-            "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test, "rpn_nms_thresh": rpn_nms_thresh,
-            "box_fg_iou": box_fg_iou, "box_bg_iou": box_bg_iou, "box_batch_per_image": box_batch_per_image,
-            "box_positive_fraction": box_positive_fraction, "score_thresh": score_thresh, "nms_thresh": nms_thresh,
-            "cross_class_nms_thresh": cross_class_nms_thresh, "detections_per_img": detections_per_img,
-        }
         if len(widths) != 3 or len(depths) != 2:
             raise ValueError("widths needs 3 entries (stem, stage1, stage2) and depths 2 (stage1, stage2)")
+        self.config = {
+            "arch": "fast",
+            "num_classes": num_classes,
+            "input_height": input_height,
+            "widths": list(widths),
+            "depths": list(depths),
+            "feature_width": feature_width,
+            "anchor_sizes": list(anchor_sizes),
+            "aspect_ratios": list(aspect_ratios),
+            "roi_size": roi_size,
+            "roi_sampling_ratio": roi_sampling_ratio,
+            "head_width": head_width,
+            "rpn_fg_iou": rpn_fg_iou,
+            "rpn_bg_iou": rpn_bg_iou,
+            "rpn_batch_per_image": rpn_batch_per_image,
+            "rpn_positive_fraction": rpn_positive_fraction,
+            "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+            "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+            "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+            "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+            "rpn_nms_thresh": rpn_nms_thresh,
+            "box_fg_iou": box_fg_iou,
+            "box_bg_iou": box_bg_iou,
+            "box_batch_per_image": box_batch_per_image,
+            "box_positive_fraction": box_positive_fraction,
+            "box_reg_weight": box_reg_weight,
+            "score_thresh": score_thresh,
+            "nms_thresh": nms_thresh,
+            "cross_class_nms_thresh": cross_class_nms_thresh,
+            "detections_per_img": detections_per_img,
+        }
         self.num_classes = num_classes
         self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
         self.backbone = Backbone(widths, depths, feature_width)
         self.anchors = AnchorGrid(anchor_shapes(anchor_sizes, aspect_ratios), self.stride)
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
-        self.roi_size = roi_size
         self.box_head = BoxHead(feature_width * roi_size * roi_size, head_width, num_classes)
         self.rpn_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -179,82 +225,81 @@ class FastRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
         batch, targets = self.transform(images, targets if self.training else None)
-        features = self.backbone(batch.tensors)
+        features = self.backbone(batch.tensors.contiguous(memory_format=torch.channels_last))
         obj, deltas = self.rpn(features)
         anchors = self.anchors.grid(features.shape[-2], features.shape[-1], features.device, features.dtype)
+        proposals, valid = self._proposals(batch, obj.detach(), deltas.detach(), anchors)
         if self.training:
-            return self._losses(batch, features, obj, deltas, anchors, targets)
-        boxes, image = self._proposals(batch, obj, deltas, anchors, train=False)
-        logits, box_deltas = self._classify(features, boxes, image)
+            return self._losses(features, obj, deltas, anchors, proposals, valid, targets)
+        c = self.config
+        image, index = torch.nonzero(valid, as_tuple=True)
+        boxes = proposals[image, index]
+        log_probs, box_deltas = self._classify(features, boxes, image)
         boxes = self.box_coder.decode(boxes, box_deltas)
         return select_detections(
-            logits, batch.to_original(boxes, image), image, len(batch.sizes), self.config["score_thresh"],
-            self.config["nms_thresh"], self.config["detections_per_img"], self.config["cross_class_nms_thresh"],
-            num_classes=self.num_classes,
+            log_probs, batch.to_original(boxes, image), image, len(batch.sizes), c["score_thresh"], c["nms_thresh"],
+            c["detections_per_img"], c["cross_class_nms_thresh"], num_classes=self.num_classes,
         )
 
     def _classify(self, features: Tensor, boxes: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Class log-probabilities ``[R, 37]`` and box deltas ``[R, 4]`` for ``boxes [R, 4]`` (batch pixels) of
+        ``image [R]``."""
         rois = torch.cat((image.unsqueeze(1).to(boxes.dtype), boxes), dim=1)
-        pooled = roi_align(features, rois, self.roi_size, 1.0 / self.stride, sampling_ratio=2, aligned=True)
-        return self.box_head(pooled)
-
-    def _proposals(self, batch: ImageBatch, obj: Tensor, deltas: Tensor, anchors: Tensor,
-                   train: bool) -> tuple[Tensor, Tensor]:
-        """Top-scoring decoded anchors per image after NMS: boxes ``[R, 4]`` (batch pixels), image index ``[R]``."""
         c = self.config
-        pre_n = c["rpn_pre_nms_top_n_train"] if train else c["rpn_pre_nms_top_n_test"]
-        post_n = c["rpn_post_nms_top_n_train"] if train else c["rpn_post_nms_top_n_test"]
+        return self.box_head(roi_align(features, rois, c["roi_size"], 1.0 / self.stride, c["roi_sampling_ratio"]))
+
+    def _proposals(self, batch: ImageBatch, obj: Tensor, deltas: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-scoring decoded anchors of each image after NMS, padded: boxes ``[B, P, 4]`` (batch pixels) and
+        ``valid [B, P]``, best first."""
+        c = self.config
+        mode = "train" if self.training else "test"
+        pre_n, post_n = c[f"rpn_pre_nms_top_n_{mode}"], c[f"rpn_post_nms_top_n_{mode}"]
         b, a = obj.shape
-        obj = obj.detach()
         scores, idx = obj.topk(min(pre_n, a), dim=1)  # [B, k]
-        boxes = self.rpn_coder.decode(anchors[idx], deltas.detach().gather(1, idx.unsqueeze(-1).expand(-1, -1, 4)))
+        boxes = self.rpn_coder.decode(anchors[idx], deltas.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4)))
         boxes = clip_boxes(boxes, batch.sizes[:, 0:1], batch.sizes[:, 1:2]).reshape(-1, 4)
         scores = scores.reshape(-1)
         image = torch.arange(b, device=obj.device).repeat_interleave(idx.shape[1])
         ok = torch.nonzero(((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)).squeeze(1)
         keep = ok[batched_nms(boxes[ok], scores[ok], image[ok], c["rpn_nms_thresh"])]
-        keep = keep[rank_in_group(image[keep]) < post_n]
-        return boxes[keep], image[keep]
+        rank = rank_in_group(image[keep])
+        keep, rank = keep[rank < post_n], rank[rank < post_n]
+        out = boxes.new_zeros(b, post_n, 4)
+        valid = torch.zeros(b, post_n, dtype=torch.bool, device=obj.device)
+        out[image[keep], rank] = boxes[keep]
+        valid[image[keep], rank] = True
+        return out, valid
 
-    def _losses(self, batch: ImageBatch, features: Tensor, obj: Tensor, deltas: Tensor, anchors: Tensor,
-                targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def _losses(self, features: Tensor, obj: Tensor, deltas: Tensor, anchors: Tensor, proposals: Tensor,
+                valid: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         c = self.config
-        b, a = obj.shape
-        device = features.device
-        gt_boxes, gt_labels, valid = pad_targets(targets, device)
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, features.device)
         zero = features.sum() * 0.0
 
         # RPN: balanced sample of anchors per image
-        labels, matched = match(pairwise_iou(anchors, gt_boxes), valid, c["rpn_fg_iou"], c["rpn_bg_iou"], allow_low_quality=True)
-        group = torch.arange(b, device=device).repeat_interleave(a)
-        pos, neg = sample(labels.reshape(-1), group, b, c["rpn_batch_per_image"], c["rpn_positive_fraction"])
+        labels, matched = match(pairwise_iou(anchors, gt_boxes), gt_valid, c["rpn_fg_iou"], c["rpn_bg_iou"],
+                                allow_low_quality=True)
+        pos, neg = sample(labels, c["rpn_batch_per_image"], c["rpn_positive_fraction"])
         n_sampled = max(int((pos | neg).sum()), 1)
         chosen = pos | neg
-        rpn_cls = F.binary_cross_entropy_with_logits(obj.reshape(-1)[chosen], pos[chosen].float(),
-                                                     reduction="sum") / n_sampled
-        pos_idx = torch.nonzero(pos).squeeze(1)
-        matched_boxes = gt_boxes.reshape(-1, 4)[(group * gt_boxes.shape[1] + matched.reshape(-1))[pos_idx]]
-        reg_targets = self.rpn_coder.encode(anchors.repeat(b, 1)[pos_idx], matched_boxes)
-        rpn_reg = F.smooth_l1_loss(deltas.reshape(-1, 4)[pos_idx], reg_targets, beta=1 / 9,
-                                   reduction="sum") / n_sampled
+        rpn_cls = F.binary_cross_entropy_with_logits(obj[chosen], pos[chosen].to(obj.dtype), reduction="sum")
+        image, index = torch.nonzero(pos, as_tuple=True)
+        reg_targets = self.rpn_coder.encode(anchors[index], gt_boxes[image, matched[image, index]])
+        rpn_reg = F.smooth_l1_loss(deltas[image, index], reg_targets, beta=1 / 9, reduction="sum")
+        losses = {"rpn_cls": rpn_cls / n_sampled + zero, "rpn_reg": rpn_reg / n_sampled + zero}
 
-        # second stage: proposals plus the ground truth, balanced sample per image
-        boxes, image = self._proposals(batch, obj, deltas, anchors, train=True)
-        gt_image = torch.arange(b, device=device).unsqueeze(1).expand_as(valid)[valid]
-        boxes = torch.cat((boxes, gt_boxes[valid]))
-        image = torch.cat((image, gt_image))
-        iou = pairwise_iou(boxes.unsqueeze(1), gt_boxes[image])  # [R, 1, G]: each box against its image's boxes
-        labels, matched = match(iou, valid[image], c["box_fg_iou"], c["box_bg_iou"])
-        labels, matched = labels.squeeze(1), matched.squeeze(1)
-        pos, neg = sample(labels, image, b, c["box_batch_per_image"], c["box_positive_fraction"])
-        chosen = torch.nonzero(pos | neg).squeeze(1)
-        if chosen.numel() == 0:
-            return {"rpn_cls": rpn_cls + zero, "rpn_reg": rpn_reg + zero, "cls": zero, "box_reg": zero}
-        boxes, image, matched, is_pos = boxes[chosen], image[chosen], matched[chosen], pos[chosen]
-        classes = gt_labels[image, matched]
-        classes = torch.where(is_pos, classes, torch.full_like(classes, self.num_classes))
-        logits, box_deltas = self._classify(features, boxes, image)
-        cls = F.cross_entropy(logits, classes)
-        box_targets = self.box_coder.encode(boxes[is_pos], gt_boxes[image, matched][is_pos])
-        box_reg = F.smooth_l1_loss(box_deltas[is_pos], box_targets, beta=1 / 9, reduction="sum") / chosen.numel()
-        return {"rpn_cls": rpn_cls + zero, "rpn_reg": rpn_reg + zero, "cls": cls, "box_reg": box_reg + zero}
+        # second stage: proposals plus the ground truth boxes, balanced sample per image
+        boxes = torch.cat((proposals, gt_boxes), dim=1)  # [B, P + G, 4]
+        labels, matched = match(pairwise_iou(boxes, gt_boxes), gt_valid, c["box_fg_iou"], c["box_bg_iou"])
+        labels = labels.masked_fill(~torch.cat((valid, gt_valid), dim=1), IGNORE)
+        pos, neg = sample(labels, c["box_batch_per_image"], c["box_positive_fraction"])
+        image, index = torch.nonzero(pos | neg, as_tuple=True)
+        if image.numel() == 0:
+            return {**losses, "cls": zero, "box_reg": zero}
+        boxes, is_pos, gt_index = boxes[image, index], pos[image, index], matched[image, index]
+        classes = torch.where(is_pos, gt_labels[image, gt_index], self.num_classes)
+        log_probs, box_deltas = self._classify(features, boxes, image)
+        box_targets = self.box_coder.encode(boxes[is_pos], gt_boxes[image, gt_index][is_pos])
+        box_reg = F.smooth_l1_loss(box_deltas[is_pos], box_targets, beta=1 / 9, reduction="sum") / image.numel()
+        box_reg = box_reg * c["box_reg_weight"]
+        return {**losses, "cls": F.nll_loss(log_probs, classes), "box_reg": box_reg + zero}

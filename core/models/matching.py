@@ -54,32 +54,24 @@ def match(iou: Tensor, valid: Tensor, high: float, low: float,
     return labels, matched
 
 
-def _random_rank(mask: Tensor, group: Tensor, num_groups: int) -> Tensor:
-    """For each element with ``mask``, its position within its group in a random order (others: a large number)."""
-    m = mask.numel()
-    key = torch.where(mask, group.to(torch.float64) * 2 + torch.rand(m, device=mask.device, dtype=torch.float64),
-                      torch.full((m,), float("inf"), device=mask.device, dtype=torch.float64))
-    order = torch.argsort(key)
-    counts = torch.bincount(group[mask], minlength=num_groups)
-    start = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(m, device=mask.device) - start[group[order]]
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    return rank.masked_fill(~mask, m + 1)
+def sample(labels: Tensor, per_image: int, positive_fraction: float) -> tuple[Tensor, Tensor]:
+    """Random balanced sampling per image: at most ``per_image * positive_fraction`` positives, filled up to
+    ``per_image`` with negatives.
 
-
-def sample(labels: Tensor, group: Tensor, num_groups: int, per_group: int,
-           positive_fraction: float) -> tuple[Tensor, Tensor]:
-    """Random balanced sampling within groups (images): per group at most ``per_group * positive_fraction``
-    positives, filled up to ``per_group`` with negatives.
-
-    labels: ``[M]`` with 1/0/-1; group: ``[M]`` int64 group of each element. Returns ``(positive, negative)``
-    boolean masks ``[M]``.
+    labels: ``[B, N]`` with 1 (positive), 0 (negative), -1 (ignored or padding). Returns ``(positive, negative)``
+    boolean masks ``[B, N]``.
     """
-    pos = labels == POSITIVE
-    neg = labels == NEGATIVE
-    n_pos = torch.bincount(group[pos], minlength=num_groups).clamp(max=int(per_group * positive_fraction))
-    n_neg = torch.minimum(torch.bincount(group[neg], minlength=num_groups), per_group - n_pos)
-    pos = pos & (_random_rank(pos, group, num_groups) < n_pos[group])
-    neg = neg & (_random_rank(neg, group, num_groups) < n_neg[group])
-    return pos, neg
+    b, n = labels.shape
+    pos, neg = labels == POSITIVE, labels == NEGATIVE
+    n_pos = pos.sum(dim=1).clamp(max=int(per_image * positive_fraction))
+    n_neg = torch.minimum(neg.sum(dim=1), per_image - n_pos)
+    return _random_subset(pos, n_pos, per_image), _random_subset(neg, n_neg, per_image)
+
+
+def _random_subset(mask: Tensor, count: Tensor, cap: int) -> Tensor:
+    """Per row of ``mask [B, N]``, ``count[row]`` of its True entries chosen uniformly at random (count <= cap)."""
+    k = min(cap, mask.shape[1])
+    keys = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
+    top = keys.topk(k, dim=1).indices  # random order among the members, members first
+    take = torch.arange(k, device=mask.device).unsqueeze(0) < count.unsqueeze(1)
+    return torch.zeros_like(mask).scatter_(1, top, take)

@@ -28,7 +28,7 @@ from torchvision.ops import RoIAlign, batched_nms
 from core.models.anchors import AnchorGrid
 from core.models.boxes import BoxCoder, clip_boxes, pairwise_iou
 from core.models.decode import rank_in_group, select_detections
-from core.models.matching import IGNORE, NEGATIVE, POSITIVE, match, pad_targets, sample
+from core.models.matching import IGNORE, POSITIVE, match, pad_targets, sample
 from core.models.transform import ImageTransform
 
 
@@ -134,16 +134,13 @@ class SeedRCNN(nn.Module):
 
         # classifier: 128 proposals per image, half object
         labels, matched = match(pairwise_iou(proposals, gt_boxes), valid, self.box_fg_iou, self.box_bg_iou)
-        labels = labels.masked_fill(~has_gt, IGNORE).reshape(-1)
-        n = proposals.shape[1]
-        group = torch.arange(b, device=features.device).repeat_interleave(n)
-        pos, neg = sample(labels, group, b, self.box_batch_per_image, self.box_positive_fraction)
-        chosen = torch.nonzero(pos | neg).squeeze(1)
-        if chosen.numel() == 0:
+        labels = labels.masked_fill(~has_gt, IGNORE)
+        pos, neg = sample(labels, self.box_batch_per_image, self.box_positive_fraction)
+        image, index = torch.nonzero(pos | neg, as_tuple=True)
+        if image.numel() == 0:
             return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "cls": zero}
-        classes = torch.gather(gt_labels, 1, matched).reshape(-1)[chosen]
-        classes = torch.where(pos[chosen], classes, torch.full_like(classes, self.num_classes))
-        rois = torch.cat((group[chosen].unsqueeze(1).to(proposals.dtype), proposals.reshape(-1, 4)[chosen]), dim=1)
+        classes = torch.where(pos[image, index], gt_labels[image, matched[image, index]], self.num_classes)
+        rois = torch.cat((image.unsqueeze(1).to(proposals.dtype), proposals[image, index]), dim=1)
         logits = self.classifier(self.roi_align(features, rois).flatten(1))
         return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "cls": F.cross_entropy(logits, classes)}
 
