@@ -19,11 +19,20 @@ from core.synth import render_captcha
 TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32, "score_thresh": 0.0}
 
 
+def eager_tiny_model(seed: int) -> torch.nn.Module:
+    """A tiny untrained ``fast`` network that reports detections: the last logit of its box head is the objectness
+    (``core.models.fast.BoxHead``), so raising that bias makes proposals characters of random classes."""
+    torch.manual_seed(seed)
+    model = build_model("fast", **TINY)
+    with torch.no_grad():
+        model.box_head.cls.bias[-1] += 8.0
+    return model
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
     out = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    return save_checkpoint(build_model("fast", **TINY), out, {"metrics": {}})
+    return save_checkpoint(eager_tiny_model(1), out, {"metrics": {}})
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,8 @@ CLI = Path(sys.executable).with_name("captcha-queue")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny, randomly initialised detector with score_thresh 0, so that it reads some text in every image."""
+    """A tiny untrained detector that reads some text in every image: score_thresh 0, and the last logit of the
+    ``fast`` box head is the objectness (``core.models.fast.BoxHead``), raised so that proposals become characters."""
     import torch
 
     from core.checkpoint import save_checkpoint
@@ -108,7 +109,10 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(2)
     tiny = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32, "score_thresh": 0.0,
             "detections_per_img": 6}  # fmt: skip
-    return save_checkpoint(build_model("fast", **tiny), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    model = build_model("fast", **tiny)
+    with torch.no_grad():
+        model.box_head.cls.bias[-1] += 8.0
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 def test_eval_command_prints_one_json_object_with_the_right_accuracy(checkpoint: Path, tmp_path: Path) -> None:
