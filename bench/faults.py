@@ -11,8 +11,8 @@ and checks the database:
             message comes back after the visibility timeout (set to 15 s here).
 * redis     the private Redis (AOF on, fsync always) killed and restarted while the producer is still publishing
             and the worker decoding; both reconnect by themselves.
-* redis-lost  the same, but Redis comes back empty (its data deleted): the queued messages are gone and
-            ``requeue_pending`` (``captcha-queue requeue``) sends the pending images again.
+* redis-lost  every message queued, then Redis killed and restarted empty (its data deleted): the queued
+            messages are gone and ``requeue_pending`` (``captcha-queue requeue``) sends the pending images again.
 * db        PostgreSQL connections of the worker terminated (``pg_terminate_backend``) while they are inside a
             transaction, ``--drops`` times: the batch is rolled back and written again.
 * sigterm   SIGTERM (warm shutdown) ``--kills`` times: the message in hand finishes before the worker exits.
@@ -319,9 +319,8 @@ def fault_kill(run: Run, job_id: int, todo, queue: str, out: Outcome, sig: int) 
         worker.stop()
 
 
-def fault_redis(run: Run, job_id: int, todo, queue: str, out: Outcome, wipe: bool) -> None:
-    from producer.requeue import requeue_pending
-
+def fault_redis(run: Run, job_id: int, todo, queue: str, out: Outcome) -> None:
+    """Redis killed and restarted from its append-only file while the producer publishes and the worker decodes."""
     worker = run.worker(queue).start()
     restart_at = max(2, len(todo) // PER_MESSAGE // 3)
 
@@ -330,7 +329,7 @@ def fault_redis(run: Run, job_id: int, todo, queue: str, out: Outcome, wipe: boo
             wait_until(run.db, job_id, PER_MESSAGE, run.timeout())  # the worker is busy on the first message
 
             def bounce() -> None:
-                run.redis.kill(wipe=wipe)
+                run.redis.kill()
                 time.sleep(3)
                 run.redis.start()
 
@@ -341,14 +340,30 @@ def fault_redis(run: Run, job_id: int, todo, queue: str, out: Outcome, wipe: boo
         started = time.monotonic()
         publish_all(run.redis.url, queue, job_id, todo, pause_s=0.2, on_message=restart_redis)
         out.notes.append(f"producer published {len(todo)} images over one connection in {time.monotonic() - started:.1f} s")
-        c = wait_until(run.db, job_id, len(todo), run.timeout() if not wipe else 60)
-        if wipe and c["pending"]:
-            sent = requeue_pending(job_id, queue=queue, paths_per_message=PER_MESSAGE, database_url=run.db,
-                                   broker_url=run.redis.url)  # fmt: skip
-            out.notes.append(f"{c['pending']} images pending after the queue was lost; requeued {sent}")
-            wait_until(run.db, job_id, len(todo), run.timeout())
-        reconnects = worker.log().count("Connected to redis://")
-        out.notes.append(f"worker connected {reconnects} times")
+        wait_until(run.db, job_id, len(todo), run.timeout())
+        out.notes.append(f"worker connected {worker.log().count('Connected to redis://')} times")
+    finally:
+        worker.stop()
+
+
+def fault_redis_lost(run: Run, job_id: int, todo, queue: str, out: Outcome) -> None:
+    """Every message queued, then Redis restarted empty: the pending images are sent again with ``requeue``."""
+    from producer.requeue import requeue_pending
+
+    worker = run.worker(queue).start()
+    try:
+        publish_all(run.redis.url, queue, job_id, todo)
+        wait_until(run.db, job_id, 1, run.timeout())  # the worker is on its first message
+        run.redis.kill(wipe=True)
+        time.sleep(3)
+        run.redis.start()
+        out.injected += 1
+        c = wait_until(run.db, job_id, len(todo), 45)  # the message in hand finishes; the rest is gone
+        sent = requeue_pending(job_id, queue=queue, paths_per_message=PER_MESSAGE, database_url=run.db,
+                               broker_url=run.redis.url)  # fmt: skip
+        out.notes.append(f"{c['pending']} images pending 45 s after the queue was lost; requeued {sent}")
+        wait_until(run.db, job_id, len(todo), run.timeout())
+        out.notes.append(f"worker connected {worker.log().count('Connected to redis://')} times")
     finally:
         worker.stop()
 
@@ -441,8 +456,10 @@ def main() -> int:
                 fault_kill(run, job_id, todo, queue, out, signal.SIGKILL)
             elif fault == "sigterm":
                 fault_kill(run, job_id, todo, queue, out, signal.SIGTERM)
-            elif fault in ("redis", "redis-lost"):
-                fault_redis(run, job_id, todo, queue, out, wipe=fault == "redis-lost")
+            elif fault == "redis":
+                fault_redis(run, job_id, todo, queue, out)
+            elif fault == "redis-lost":
+                fault_redis_lost(run, job_id, todo, queue, out)
             else:
                 fault_db(run, job_id, todo, queue, out)
             out.seconds = time.monotonic() - started
