@@ -1,8 +1,11 @@
 """From classified boxes to per-image detections and text.
 
-Each classified box takes its arg-max class (over the 36 characters and background); background and boxes scoring
-below ``score_thresh`` are dropped, duplicates of one class are removed by class-aware NMS, optionally boxes of
-different classes covering the same glyph are removed too, and each image's detections are sorted by box centre x.
+Each classified box is labelled with its most probable character and scored with that character's probability.
+Boxes whose foreground probability (1 - p(background)) is below ``score_thresh`` are dropped -- and, with
+``background_argmax``, boxes whose single most probable class is background -- so a glyph the network is sure
+of but torn between two readings (``0`` / ``o``) still yields its best guess. Duplicates of one character are
+removed by class-aware NMS, optionally boxes of different characters covering the same glyph too, and each
+image's detections are sorted by box centre x.
 """
 
 from __future__ import annotations
@@ -39,16 +42,20 @@ def select_detections(
     detections_per_img: int,
     cross_class_nms_thresh: float | None = None,
     num_classes: int = NUM_CLASSES,
+    background_argmax: bool = False,
 ) -> list[dict[str, Tensor]]:
     """Turn classified boxes into the detector's eval output.
 
-    class_logits: ``[R, num_classes + 1]`` (last = background); boxes: ``[R, 4]`` x1, y1, x2, y2 (original pixels);
-    batch_index: ``[R]`` int64 image of each box. Returns ``num_images`` dicts ``{"boxes": [K, 4],
-    "labels": [K] int64 in 0..num_classes-1, "scores": [K]}`` sorted by box centre x.
+    class_logits: ``[R, num_classes + 1]`` logits or log-probabilities (last = background); boxes: ``[R, 4]``
+    x1, y1, x2, y2 (original pixels); batch_index: ``[R]`` int64 image of each box. Returns ``num_images`` dicts
+    ``{"boxes": [K, 4], "labels": [K] int64 in 0..num_classes-1, "scores": [K]}`` sorted by box centre x.
     """
     probs = torch.softmax(class_logits.float(), dim=1)
-    scores, labels = probs.max(dim=1)
-    keep = (labels != num_classes) & (scores >= score_thresh)
+    scores, labels = probs[:, :num_classes].max(dim=1)
+    background = probs[:, num_classes]
+    keep = (1.0 - background) >= score_thresh
+    if background_argmax:
+        keep &= scores >= background
     boxes, scores, labels, batch_index = boxes[keep], scores[keep], labels[keep], batch_index[keep]
     keep = batched_nms(boxes, scores, batch_index * (num_classes + 1) + labels, nms_thresh)
     if cross_class_nms_thresh is not None:

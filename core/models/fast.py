@@ -280,8 +280,8 @@ class FastRCNN(nn.Module):
         labels, matched = match(pairwise_iou(anchors, gt_boxes), gt_valid, c["rpn_fg_iou"], c["rpn_bg_iou"],
                                 allow_low_quality=True)
         pos, neg = sample(labels, c["rpn_batch_per_image"], c["rpn_positive_fraction"])
-        n_sampled = max(int((pos | neg).sum()), 1)
         chosen = pos | neg
+        n_sampled = max(int(chosen.sum()), 1)
         rpn_cls = F.binary_cross_entropy_with_logits(obj[chosen], pos[chosen].to(obj.dtype), reduction="sum")
         image, index = torch.nonzero(pos, as_tuple=True)
         reg_targets = self.rpn_coder.encode(anchors[index], gt_boxes[image, matched[image, index]])

@@ -57,7 +57,8 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: f
     r = rois.shape[0]
     if r == 0:
         return features.new_zeros(0, c, output_size, output_size)
-    index, weight = _sample_points(rois.to(features.dtype), output_size, spatial_scale, sampling_ratio, h, w)
+    # sample positions in float32 whatever the feature precision (bfloat16 cannot resolve pixels past 256)
+    index, weight = _sample_points(rois.float(), output_size, spatial_scale, sampling_ratio, h, w)
     rows = features.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when features are channels-last
-    pooled = F.embedding_bag(index, rows, mode="sum", per_sample_weights=weight)
+    pooled = F.embedding_bag(index, rows, mode="sum", per_sample_weights=weight.to(features.dtype))
     return pooled.view(r, output_size, output_size, c).permute(0, 3, 1, 2)

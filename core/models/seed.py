@@ -59,7 +59,8 @@ class SeedRPN(nn.Module):
 class SeedRCNN(nn.Module):
     """The notebook's Faster R-CNN behind the package's model contract (see :func:`core.models.build_model`).
 
-    score_thresh: minimum class probability of a detection (0.0 = the notebook's plain arg-max);
+    score_thresh: minimum foreground probability of a detection; boxes whose arg-max class is background are
+    always dropped (with the default 0.0 that is exactly the notebook's decoding);
     nms_thresh: IoU of the class-aware NMS on the classified boxes; detections_per_img: cap per image.
     """
 
@@ -156,4 +157,5 @@ class SeedRCNN(nn.Module):
         rois = torch.cat((image.unsqueeze(1).to(boxes.dtype), boxes), dim=1)
         logits = self.classifier(self.roi_align(features, rois).flatten(1))
         return select_detections(logits, batch.to_original(boxes, image), image, b, self.score_thresh,
-                                 self.nms_thresh, self.detections_per_img, num_classes=self.num_classes)
+                                 self.nms_thresh, self.detections_per_img, num_classes=self.num_classes,
+                                 background_argmax=True)
