@@ -1,10 +1,11 @@
 """Enqueueing: register image files as a job in the database, then send their ids and paths to the workers.
 
 Messages carry ``{"job_id": int, "images": [[image_id, path], ...]}`` (JSON, never image bytes; paths in the text
-form of ``core.paths.path_to_text``, as stored in the database), up to
-``Settings.paths_per_message`` paths each, all published over one broker connection. Files are registered and sent
-in chunks: each chunk is committed before its messages are sent, so a worker never receives an id the database does
-not have yet, and workers start on the first chunk while the rest is still being registered.
+form of ``core.paths.path_to_text``, as stored in the database), up to ``Settings.paths_per_message`` paths each,
+all published over one broker connection. Files are registered and sent in chunks: each chunk is committed before
+its messages are sent, so a worker never receives an id the database does not have yet, and workers start on the
+first chunk while the rest is still being registered. Within a chunk, images are sent ordered by aspect ratio
+(``producer.aspect``), so each message holds images of similar widths.
 
 If publishing fails, the images of that chunk and later ones that were not sent are marked ``failed`` with the
 broker's error, so nothing is left ``pending`` without a message; enqueueing the folder again picks them up.
@@ -24,6 +25,7 @@ from pathlib import Path
 from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
 from core.config import get_settings, mask_url
 from core.paths import is_allowed, path_to_text, resolve_roots
+from producer.aspect import by_aspect
 from producer.scan import ScannedFile, scan
 
 REGISTER_CHUNK = 20_000
@@ -189,7 +191,7 @@ def enqueue(
             session.commit()
             job_id = job.id
             for index, chunk in enumerate(chunked(rows, REGISTER_CHUNK)):
-                todo = register_images(session, job, chunk, force=force)
+                todo = by_aspect(register_images(session, job, chunk, force=force))
                 session.commit()
                 skipped += len(chunk) - len(todo)
                 bar.advance(task, len(chunk) - len(todo))

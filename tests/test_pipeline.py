@@ -85,7 +85,8 @@ def flat(text: str) -> str:
 @pytest.fixture(scope="module")
 def expected(detector, folder):
     """``expected(per_message, pattern)``: in-process predictions for the folder's images (those matching
-    ``pattern``), message by message as the producer groups its scan (computed once per argument pair)."""
+    ``pattern``), message by message as the producer groups them (computed once per argument pair)."""
+    from producer.aspect import by_aspect
     from producer.scan import scan
 
     cache: dict[tuple[int, str | None], dict[str, str]] = {}
@@ -93,7 +94,7 @@ def expected(detector, folder):
     def texts(per_message: int = PER_MESSAGE, pattern: str | None = None) -> dict[str, str]:
         key = (per_message, pattern)
         if key not in cache:
-            items = [(i, f.path) for i, f in enumerate(scan([folder], pattern=pattern))]
+            items = by_aspect([(i, f.path) for i, f in enumerate(scan([folder], pattern=pattern))])
             cache[key] = {}
             for start in range(0, len(items), per_message):
                 cache[key].update(reference_texts(detector, items[start : start + per_message], BATCH_SIZE))

@@ -82,6 +82,20 @@ def test_scan_refuses_a_missing_root(tmp_path):
         list(scan([tmp_path / "file.txt"]))
 
 
+def test_read_aspect_from_headers(tmp_path):
+    from PIL import Image
+
+    from producer.aspect import read_aspect
+
+    Image.new("RGB", (300, 80), "white").save(tmp_path / "a-0.png")
+    Image.new("RGB", (120, 80), "white").save(tmp_path / "b-0.jpg")
+    (tmp_path / "c-0.png").write_bytes(b"not an image at all, just text")
+    assert read_aspect(str(tmp_path / "a-0.png")) == 300 / 80
+    assert read_aspect(str(tmp_path / "b-0.jpg")) == 120 / 80
+    assert read_aspect(str(tmp_path / "c-0.png")) == 0.0
+    assert read_aspect(str(tmp_path / "missing.png")) == 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # enqueueing into a real Redis and a real database
 
@@ -149,6 +163,21 @@ def test_enqueue_registers_and_sends_ids_and_paths_in_groups(tmp_path, db, redis
     assert sent == [(image_id, path) for image_id, _, path, _, _ in registered]
     assert [p for _, p in sent] == [str(p) for p in paths]
     assert {status for *_, status, _ in registered} == {"pending"}
+
+
+def test_messages_group_images_of_similar_width_while_ids_follow_names(tmp_path, db, redis_url, queue):
+    from PIL import Image
+
+    widths = [700, 150, 400, 160, 690, 410]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, width in enumerate(widths):
+        Image.new("RGB", (width, 80), "white").save(folder / f"img{i}-0.png")
+    enqueue([folder], queue=queue, paths_per_message=2, database_url=db, broker_url=redis_url)
+    messages = [m["kwargs"]["images"] for m in queued(redis_url, queue)]
+    sent_widths = [[Image.open(path).width for _, path in images] for images in messages]
+    assert sent_widths == [[150, 160], [400, 410], [690, 700]]
+    assert [Path(path).name for _, _, path, _, _ in db_images(db)] == [f"img{i}-0.png" for i in range(6)]
 
 
 def test_reenqueue_skips_unchanged_files_unless_forced_or_changed(tmp_path, db, redis_url, queue):
