@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Reproduces the shipped checkpoint core/default_checkpoint/fast.{safetensors,json}:
+# synthetic training, validation and test sets (fixed seeds), training of the `fast` network, evaluation on the
+# fresh test set, then the copy into the package. Rerun it whenever the network or the generator changes.
+#
+#   bash bench/train_default.sh            # everything (about 2.5 hours on 2 free CPU cores)
+#   RESUME=1 bash bench/train_default.sh   # continue an interrupted phase 2 where it stopped
+#
+# Variables: WORK (scratch folder), DEVICE (auto | cpu | cuda), WORKERS (DataLoader processes), INSTALL=0 to
+# train and evaluate without copying into core/default_checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORK=${WORK:-/tmp/captcha-default}
+DEVICE=${DEVICE:-auto}
+WORKERS=${WORKERS:-1}
+CQ=${CQ:-.venv/bin/captcha-queue}
+
+# data: the seeds make every file byte-identical on every machine
+TRAIN_COUNT=60000; TRAIN_SEED=1000
+VAL_COUNT=500;     VAL_SEED=1001
+TEST_COUNT=1000;   TEST_SEED=1002
+# schedule, phase 1: EPOCHS epochs of EPOCH_SIZE images drawn from the training set (warmup, then cosine decay);
+# phase 2: a second, longer cosine schedule starting from phase 1's best weights, on a fresh shuffle (seed 1)
+EPOCHS=9;   EPOCH_SIZE=5000; BATCH=16; LR=2e-3; SEED=0
+EPOCHS2=24; LR2=1e-3;        SEED2=1
+
+mkdir -p "$WORK"
+[ -d "$WORK/train" ] || $CQ synth "$WORK/train" --count $TRAIN_COUNT --seed $TRAIN_SEED --quiet
+[ -d "$WORK/val" ]   || $CQ synth "$WORK/val"   --count $VAL_COUNT   --seed $VAL_SEED   --quiet
+[ -d "$WORK/test" ]  || $CQ synth "$WORK/test"  --count $TEST_COUNT  --seed $TEST_SEED  --quiet
+
+DATA=(--images "$WORK/train/images" --labels "$WORK/train/labels"
+      --val-images "$WORK/val/images" --val-labels "$WORK/val/labels"
+      --arch fast --epoch-size $EPOCH_SIZE --batch-size $BATCH --device "$DEVICE" --workers "$WORKERS")
+
+if [ ! -f "$WORK/phase1.done" ]; then  # phase 1 resumes by itself when interrupted
+  $CQ train "${DATA[@]}" --epochs $EPOCHS --lr $LR --seed $SEED --out "$WORK/phase1.safetensors" \
+    $( [ -f "$WORK/phase1.state.json" ] && echo --resume )
+  touch "$WORK/phase1.done"
+fi
+
+$CQ train "${DATA[@]}" --epochs $EPOCHS2 --lr $LR2 --seed $SEED2 --init-from "$WORK/phase1.safetensors" \
+  --out "$WORK/fast.safetensors" ${RESUME:+--resume}
+
+$CQ eval --images "$WORK/test/images" --checkpoint "$WORK/fast.safetensors" --device "$DEVICE" --json \
+  | tee "$WORK/eval.json"
+
+if [ "${INSTALL:-1}" = 1 ]; then
+  mkdir -p core/default_checkpoint
+  cp "$WORK/fast.safetensors" core/default_checkpoint/fast.safetensors
+  cp "$WORK/fast.json" core/default_checkpoint/fast.json
+  echo "installed core/default_checkpoint/fast.safetensors ($(du -h core/default_checkpoint/fast.safetensors | cut -f1))"
+fi
