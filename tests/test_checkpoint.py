@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def test_save_leaves_no_temporary_files_and_overwrites(model, tmp_path: Path) ->
     save_checkpoint(model, tmp_path / "m.safetensors", {"version": "a"})
     save_checkpoint(model, tmp_path / "m.safetensors", {"version": "b"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o666 & ~umask}  # not mkstemp's 0600
     assert read_metadata(tmp_path / "m.safetensors")["version"] == "b"
 
 

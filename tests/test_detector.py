@@ -132,3 +132,28 @@ def test_rgba_images_are_composited_on_white(checkpoint: Path, captchas: list[Pa
     rgb = Image.open(captchas[0]).convert("RGB")
     rgba = rgb.convert("RGBA")
     assert det.predict([rgba]) == det.predict([rgb])
+
+
+def test_shipped_checkpoint_reads_fresh_synthetic_captchas(monkeypatch) -> None:
+    from core.charset import CHARS
+    from core.checkpoint import default_checkpoint_path, read_metadata
+    from core.evaluate import score
+
+    path = default_checkpoint_path()
+    assert path.stat().st_size <= 10 * 1024 * 1024
+    monkeypatch.delenv("CAPTCHA_CHECKPOINT", raising=False)
+    get_settings.cache_clear()
+    try:
+        det = Detector.load(device="cpu")
+    finally:
+        get_settings.cache_clear()
+    assert det.checkpoint_path == path.resolve()
+    meta = read_metadata(path)
+    assert meta["arch"] == "fast"
+    rng = random.Random(20240601)  # images no training run has seen
+    texts = ["".join(rng.choice(CHARS) for _ in range(rng.randint(4, 8))) for _ in range(40)]
+    images = [render_captcha(t, rng)[0] for t in texts]
+    s = score([p.text for p in det.predict(images)], texts)
+    # as good as the validation accuracy recorded at training time, give or take the sampling of 40 images
+    assert s.sequence_accuracy >= meta["metrics"]["val_sequence_accuracy"] - 0.15
+    assert s.character_accuracy >= meta["metrics"]["val_character_accuracy"] - 0.1
