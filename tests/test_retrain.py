@@ -16,7 +16,7 @@ from core.checkpoint import CheckpointError, read_metadata, sha256_file
 from core.registry import RegistryError, champion, get_version, list_versions, load_version, promote, rollback, verify
 from core.retrain import RetrainError, RetrainRequest, run_retrain
 from db.models import TrainingRun, WorkerEvent
-from test_worker import small_checkpoint
+from test_worker import sharpened_random_model
 
 TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32}
 
@@ -34,7 +34,11 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def configured(tmp_path_factory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("configured"))
+    """A seeded random model: a tiny retrain reads at least as well, whatever the shipped checkpoint reads."""
+    from core.checkpoint import save_checkpoint
+
+    directory = tmp_path_factory.mktemp("configured")
+    return save_checkpoint(sharpened_random_model(), directory / "random.safetensors", {"version": "test-random"})
 
 
 @pytest.fixture()
