@@ -43,12 +43,16 @@ def select_detections(
     cross_class_nms_thresh: float | None = None,
     num_classes: int = NUM_CLASSES,
     background_argmax: bool = False,
+    containment_thresh: float | None = None,
 ) -> list[dict[str, Tensor]]:
     """Turn classified boxes into the detector's eval output.
 
     class_logits: ``[R, num_classes + 1]`` logits or log-probabilities (last = background); boxes: ``[R, 4]``
     x1, y1, x2, y2 (original pixels); batch_index: ``[R]`` int64 image of each box. Returns ``num_images`` dicts
     ``{"boxes": [K, 4], "labels": [K] int64 in 0..num_classes-1, "scores": [K]}`` sorted by box centre x.
+    cross_class_nms_thresh: IoU above which a box is dropped for a better-scoring box of any class;
+    containment_thresh: drop a box when this fraction of it (or of the other box) lies inside a better-scoring
+    box of any class -- a piece of a glyph read as a second character.
     """
     probs = torch.softmax(class_logits.float(), dim=1)
     scores, labels = probs[:, :num_classes].max(dim=1)
@@ -60,6 +64,8 @@ def select_detections(
     keep = batched_nms(boxes, scores, batch_index * (num_classes + 1) + labels, nms_thresh)
     if cross_class_nms_thresh is not None:
         keep = keep[batched_nms(boxes[keep], scores[keep], batch_index[keep], cross_class_nms_thresh)]
+    if containment_thresh is not None:
+        keep = keep[_contained(boxes[keep], batch_index[keep], containment_thresh)]
     # keep is sorted by score: the first detections_per_img of each image survive
     keep = keep[rank_in_group(batch_index[keep]) < detections_per_img]
     boxes, scores, labels, batch_index = boxes[keep], scores[keep], labels[keep], batch_index[keep]
@@ -70,6 +76,28 @@ def select_detections(
         {"boxes": b, "labels": lab, "scores": s}
         for b, lab, s in zip(boxes[order].split(counts), labels[order].split(counts), scores[order].split(counts))
     ]
+
+
+def _contained(boxes: Tensor, batch_index: Tensor, thresh: float) -> Tensor:
+    """Indices of ``boxes [K, 4]`` (sorted by score, best first) that survive greedy suppression by intersection
+    over the smaller box's area >= ``thresh`` within the same image."""
+    k = boxes.shape[0]
+    if k < 2:
+        return torch.arange(k, device=boxes.device)
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
+    smaller = torch.minimum(area[:, None], area[None, :]).clamp(min=1e-6)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [j, i]: j scores higher
+    suppresses = (inter / smaller >= thresh) & earlier & (batch_index[:, None] == batch_index[None, :])
+    keep = torch.ones(k, dtype=torch.bool, device=boxes.device)
+    for _ in range(k):  # greedy: only kept boxes suppress; converges in a few rounds
+        new = ~(suppresses & keep[:, None]).any(dim=0)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return torch.nonzero(keep).squeeze(1)
 
 
 def text_from_detections(det: Mapping[str, Tensor]) -> str:

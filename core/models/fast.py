@@ -172,6 +172,7 @@ class FastRCNN(nn.Module):
         score_thresh: float = 0.5,
         nms_thresh: float = 0.5,
         cross_class_nms_thresh: float | None = 0.7,
+        containment_thresh: float | None = 0.8,
         detections_per_img: int = 16,
     ) -> None:
         super().__init__()
@@ -206,6 +207,7 @@ class FastRCNN(nn.Module):
             "score_thresh": score_thresh,
             "nms_thresh": nms_thresh,
             "cross_class_nms_thresh": cross_class_nms_thresh,
+            "containment_thresh": containment_thresh,
             "detections_per_img": detections_per_img,
         }
         self.num_classes = num_classes
@@ -239,6 +241,7 @@ class FastRCNN(nn.Module):
         return select_detections(
             log_probs, batch.to_original(boxes, image), image, len(batch.sizes), c["score_thresh"], c["nms_thresh"],
             c["detections_per_img"], c["cross_class_nms_thresh"], num_classes=self.num_classes,
+            containment_thresh=c["containment_thresh"],
         )
 
     def _classify(self, features: Tensor, boxes: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
