@@ -141,7 +141,7 @@ class WidthBucketSampler(Sampler[list[int]]):
 
 
 class _Tolerant(Dataset):
-    """Wraps a dataset so that an image that fails to decode becomes ``{"error", "path"}`` instead of an exception."""
+    """Wraps a dataset so that an image that fails to decode becomes ``{"error", "index"}`` instead of an exception."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
