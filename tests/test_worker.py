@@ -210,6 +210,78 @@ def test_redelivered_message_rewrites_rows_without_duplicates(detector, captchas
     assert n_chars == sum(len(r["chars"]) for r in first.values())
 
 
+
+def test_writes_overlap_the_next_batch_and_all_commit_before_returning(detector, captchas, sqlite_url, monkeypatch):
+    import threading
+    import time
+
+    from db.session import session_factory
+    from worker import decode as decode_module
+
+    items = make_db(sqlite_url, [str(p) for p in captchas[:12]])
+    events: list[tuple[str, int, float, str]] = []
+    real_write = decode_module.write_outcomes
+
+    class SlowDetector:  # the real detector, made slow enough that a write can only overlap it if it runs alongside
+        version = detector.version
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def predict(self, images, batch_size):
+            k, self.calls = self.calls, self.calls + 1
+            events.append(("infer-start", k, time.perf_counter(), threading.current_thread().name))
+            result = detector.predict(images, batch_size=batch_size)
+            time.sleep(0.3)
+            events.append(("infer-end", k, time.perf_counter(), threading.current_thread().name))
+            return result
+
+    writes = 0
+
+    def recording_write(sessions, outcomes, attempts=decode_module.WRITE_ATTEMPTS):
+        nonlocal writes
+        k, writes = writes, writes + 1
+        events.append(("write-start", k, time.perf_counter(), threading.current_thread().name))
+        real_write(sessions, outcomes, attempts)
+        events.append(("write-end", k, time.perf_counter(), threading.current_thread().name))
+
+    monkeypatch.setattr(decode_module, "write_outcomes", recording_write)
+    summary = decode_module.decode_images(items, SlowDetector(), session_factory(sqlite_url), 4, max_pixels=4_000_000,
+                                          max_width=4096)  # fmt: skip
+    assert summary.done == 12 and writes == 3
+    at = {(name, k): t for name, k, t, _ in events}
+    assert all(thread.startswith("db-writer") for name, _, _, thread in events if name.startswith("write"))
+    # batch k is written while batch k + 1 is inferred, and the writes commit in batch order
+    assert at[("write-start", 0)] < at[("infer-end", 1)] and at[("write-start", 1)] < at[("infer-end", 2)]
+    assert at[("write-end", 0)] <= at[("write-start", 1)] <= at[("write-end", 1)] <= at[("write-start", 2)]
+    # the last write has committed when decode_images returns
+    assert {r["status"] for r in rows(sqlite_url).values()} == {"done"}
+
+
+def test_a_write_that_fails_for_good_raises_after_earlier_batches_committed(detector, captchas, sqlite_url, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from db.session import session_factory
+    from worker import decode as decode_module
+
+    items = make_db(sqlite_url, [str(p) for p in captchas[:12]])
+    real_write = decode_module.write_outcomes
+    writes = 0
+
+    def failing_second(sessions, outcomes, attempts=decode_module.WRITE_ATTEMPTS):
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        real_write(sessions, outcomes, attempts)
+
+    monkeypatch.setattr(decode_module, "write_outcomes", failing_second)
+    with pytest.raises(OperationalError):
+        decode_module.decode_images(items, detector, session_factory(sqlite_url), 4, max_pixels=4_000_000,
+                                    max_width=4096)  # fmt: skip
+    statuses = sorted(r["status"] for r in rows(sqlite_url).values())
+    assert statuses.count("done") == 4 and statuses.count("pending") == 8  # batch 1 kept, batches 2-3 left for a retry
+
 def test_paths_outside_allowed_roots_fail_with_reason(detector, captchas, tmp_path, sqlite_url):
     from db.session import session_factory
 

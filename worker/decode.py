@@ -1,11 +1,11 @@
 """Decoding one message: load its images, run the detector in batches, write each batch in one transaction.
 
 The detector pads every image of a batch to the widest one, so a message is first ordered by aspect ratio (read
-from the file headers) and cut into batches of ``batch_size`` neighbours in width. Loading the next batch (PNG
-decoding, in a background thread) overlaps inference on the current one. An image that cannot be read becomes a
-``failed`` outcome with a readable reason and the rest of the batch goes on; if inference fails for a batch, its
-images are retried one by one so only the offending image fails. Writes go through
-``db.repository.record_outcomes``, which upserts, so a redelivered message rewrites the same rows.
+from the file headers) and cut into batches of ``batch_size`` neighbours in width. Reading the next batch (PNG
+decoding, in background threads) and writing the previous one (a writer thread) overlap inference on the current
+one. An image that cannot be read becomes a ``failed`` outcome with a readable reason and the rest of the batch goes
+on; if inference fails for a batch, its images are retried one by one so only the offending image fails. Writes go
+through ``db.repository.record_outcomes``, which upserts, so a redelivered message rewrites the same rows.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,37 +233,55 @@ def decode_images(
     ``refresh``, when given, is called before each batch and returns the detector for it (a worker switches to a
     newly promoted model between batches, never inside one).
 
-    The message is planned by ``plan_batches``. Each batch is loaded in a background thread while the previous one
-    is inferred, and written with one ``record_outcomes`` call in one transaction.
+    The message is planned by ``plan_batches`` and runs as a three-stage pipeline: while batch ``k`` is inferred,
+    batch ``k + 1`` is read (two loader threads, each half of it; PNG decoding releases the GIL) and batch ``k - 1``
+    is written (one writer thread, so commits keep batch order: one ``record_outcomes`` call, one transaction per
+    batch). At most one write is in flight; a write that fails for good raises here, and every write has committed
+    before this function returns, so a message is never acknowledged ahead of its rows.
     """
     if not items:
         return DecodeSummary(0, 0, 0.0, 0.0, 0.0)
     batches = plan_batches(items, batch_size, allowed_roots)
 
-    def load(batch: list[int]) -> list[_Loaded]:
-        return load_batch([items[i] for i in batch], max_pixels, max_width, allowed_roots)
+    def load(part: list[int]) -> list[_Loaded]:
+        return load_batch([items[i] for i in part], max_pixels, max_width, allowed_roots)
+
+    def write(outcomes: list[ImageOutcome]) -> float:
+        start = time.perf_counter()
+        write_outcomes(sessions, outcomes)
+        return (time.perf_counter() - start) * 1000
 
     done = failed = 0
     load_ms = infer_ms = write_ms = 0.0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader") as loader:
-        future = loader.submit(load, batches[0])
+    with (
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-loader") as loader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writer") as writer,
+    ):
+
+        def submit_load(batch: list[int]) -> list[Future[list[_Loaded]]]:
+            half = (len(batch) + 1) // 2
+            return [loader.submit(load, part) for part in (batch[:half], batch[half:]) if part]
+
+        pending_load = submit_load(batches[0])
+        pending_write: Future[float] | None = None
         for index, batch in enumerate(batches):
-            loaded = future.result()
+            loaded = [item for part in pending_load for item in part.result()]
             if index + 1 < len(batches):
-                future = loader.submit(load, batches[index + 1])
+                pending_load = submit_load(batches[index + 1])
             if refresh is not None:
                 detector = refresh()
             start = time.perf_counter()
             outcomes = infer_batch(detector, loaded)
-            mid = time.perf_counter()
-            write_outcomes(sessions, outcomes)
-            end = time.perf_counter()
+            infer_ms += (time.perf_counter() - start) * 1000
             for item in loaded:
                 if item.image is not None:
                     item.image.close()
-            infer_ms += (mid - start) * 1000
-            write_ms += (end - mid) * 1000
+            if pending_write is not None:
+                write_ms += pending_write.result()  # the previous batch: committed, or its error raised here
+            pending_write = writer.submit(write, outcomes)
             load_ms += sum(item.load_ms for item in loaded)
             done += sum(o.status == "done" for o in outcomes)
             failed += sum(o.status == "failed" for o in outcomes)
+        if pending_write is not None:
+            write_ms += pending_write.result()
     return DecodeSummary(done, failed, load_ms, infer_ms, write_ms)
