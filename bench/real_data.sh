@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Train the fast detector on real CAPTCHAs whose only label is their file name, and measure it on a held-out split:
-#   split (1,000 held out, fixed seed, by file name) -> autolabel (colour) -> train -> autolabel again with that
-#   model (detector reads what colour missed) -> train on, from the first model -> eval --json on the held-out split.
+#   split (1,000 held out, fixed seed, by file name) -> autolabel (colour, then the shipped synthetic detector on
+#   what colour missed) -> train from the shipped checkpoint -> autolabel again with that model -> train on, from the
+#   first model -> eval --json on the held-out split.
 # Usage: bench/real_data.sh [DATA_DIR] [WORK_DIR]      (run from the repository root, the venv active)
-# Environment: EPOCHS1, EPOCHS2 (epochs of the two rounds), BATCH, LR1, LR2, HOLDOUT, SEED.
+# Environment: EPOCHS1, EPOCHS2 (epochs of the two rounds), BATCH, LR1, LR2, HOLDOUT, SEED, INIT (the weights
+# round 1 starts from: the shipped synthetic checkpoint unless set; INIT=none starts from random weights).
 # Nothing is written outside WORK_DIR (default runs/real, git-ignored): the images are linked, never copied.
 set -euo pipefail
 
 DATA=${1:-/work/shared/data/cs4243-train}
 WORK=${2:-runs/real}
-EPOCHS1=${EPOCHS1:-4}
-EPOCHS2=${EPOCHS2:-2}
+EPOCHS1=${EPOCHS1:-6}
+EPOCHS2=${EPOCHS2:-3}
 BATCH=${BATCH:-16}
-LR1=${LR1:-2e-3}
+LR1=${LR1:-1e-3}
 LR2=${LR2:-5e-4}
 HOLDOUT=${HOLDOUT:-1000}
 SEED=${SEED:-0}
 CQ=${CQ:-captcha-queue}
+INIT=${INIT:-$(python -c "from core.checkpoint import default_checkpoint_path; print(default_checkpoint_path())")}
 
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$WORK/times.log"; }
@@ -37,12 +40,15 @@ for part, chosen in (("val", names[:holdout]), ("train", names[holdout:])):
 print(f"{len(names) - holdout} training, {holdout} held-out images")
 EOF
 
-stamp "autolabel by colour"
-$CQ autolabel "$WORK/train" --out "$WORK/labels1" --render-dir "$WORK/render" --render 12
+INIT_ARGS=(); LABEL_ARGS=()
+if [ "$INIT" != none ]; then INIT_ARGS=(--init-from "$INIT"); LABEL_ARGS=(--checkpoint "$INIT"); fi
+
+stamp "autolabel by colour${LABEL_ARGS:+, then with $INIT}"
+$CQ autolabel "$WORK/train" --out "$WORK/labels1" --render-dir "$WORK/render" --render 12 "${LABEL_ARGS[@]}"
 
 stamp "train round 1 ($EPOCHS1 epochs)"
 $CQ train --images "$WORK/train" --labels "$WORK/labels1" --out "$WORK/round1/fast.safetensors" \
-    --epochs "$EPOCHS1" --batch-size "$BATCH" --lr "$LR1" --seed "$SEED" --device cpu
+    "${INIT_ARGS[@]}" --epochs "$EPOCHS1" --batch-size "$BATCH" --lr "$LR1" --seed "$SEED" --device cpu
 
 stamp "autolabel with the round-1 detector"
 $CQ autolabel "$WORK/train" --out "$WORK/labels2" --checkpoint "$WORK/round1/fast.safetensors"

@@ -269,13 +269,15 @@ def _upsert_results(
          "load_ms": float(o.load_ms), "infer_ms": float(o.infer_ms), "created_at": now}  # fmt: skip
         for o in outcomes
     ]
-    stmt = upsert(results).values(rows)
+    # one statement executed over many parameter sets ("insertmanyvalues"): compiled once and cached, where a
+    # multi-row ``.values(rows)`` would be compiled again on every call
+    stmt = upsert(results)
     overwrite = ("text", "score", "width", "height", "load_ms", "infer_ms", "created_at")
     stmt = stmt.on_conflict_do_update(
         index_elements=[results.c.image_id, results.c.model_version],
         set_={name: stmt.excluded[name] for name in overwrite},
     ).returning(results.c.id, results.c.image_id, results.c.model_version)
-    return {(row.image_id, row.model_version): row.id for row in session.execute(stmt)}
+    return {(row.image_id, row.model_version): row.id for row in session.execute(stmt, rows)}
 
 
 def _mean_score(outcome: ImageOutcome) -> float:
