@@ -491,7 +491,10 @@ def render(
         picture = load_image(path)
     except ImageError as exc:
         raise _fail(f"{path}: {exc}") from None
-    row = None if run_model else _stored_result(database_url, path)
+    from core.paths import path_to_text
+
+    # stored paths are in the queue's text form (lossless for names that are not UTF-8)
+    row = None if run_model else _stored_result(database_url, path_to_text(path))
     source = f"stored result of model {row['model_version']}" if row else None
     try:
         if row is None:

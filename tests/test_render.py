@@ -91,6 +91,35 @@ def test_render_command_uses_the_stored_result(stored, tmp_path):
     assert title_pixels(picture, GREEN) > 20
 
 
+def test_render_finds_the_stored_result_of_a_file_whose_name_is_not_utf8(tmp_path, sqlite_url):
+    from core.paths import path_to_text
+
+    image, boxes = render_captcha("k7mq", random.Random(5))
+    path = os.path.join(os.fsencode(tmp_path), b"k7mq\xe9-0.png")
+    image.save(path)
+    name = os.fsdecode(path)
+    upgrade(sqlite_url)
+    with session_factory(sqlite_url)() as session:
+        job = create_job(session, "render")
+        stat = os.stat(path)
+        # registered as the producer registers it: the path's text form
+        [(image_id, _)] = register_images(session, job, [(path_to_text(name), stat.st_size, stat.st_mtime_ns)])
+        chars = [CharOutcome(k, ch, tuple(b), 0.8) for k, (ch, b) in enumerate(zip("k7mq", boxes))]
+        record_outcomes(session, [ImageOutcome(image_id=image_id, status="done", model_version="v7", text="k7mq",
+                                               score=0.8, chars=chars, width=image.width, height=image.height)])
+        session.commit()  # fmt: skip
+    out = tmp_path / "pic.png"
+    try:
+        result = CliRunner().invoke(app, ["render", name, "--out", str(out), "--database-url", sqlite_url])
+    finally:
+        dispose_engines()
+    assert result.exit_code == 0, result.output
+    assert "stored result of model v7" in result.stdout
+    picture = Image.open(out).convert("RGB")
+    for i, box in enumerate(boxes):
+        assert_box_drawn(picture, box, PALETTE[i])
+
+
 def test_render_job_dumps_pictures(stored, tmp_path):
     out_dir = tmp_path / "renders"
     result = CliRunner().invoke(
