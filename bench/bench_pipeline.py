@@ -103,7 +103,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> None:
             def end_to_end() -> tuple[float, float]:
                 start, cpu, worker_cpu = time.perf_counter(), time.process_time(), cpu_seconds(worker.process.pid)
                 sent = enqueue([images], force=True, queue=queue, database_url=database_url, broker_url=broker)
-                waited = wait_for_job(sent.job_id, database_url=database_url, poll_s=0.25)
+                waited = wait_for_job(sent.job_id, database_url=database_url, poll_s=0.1)
                 assert waited.done + waited.failed == n, waited
                 used = time.process_time() - cpu + cpu_seconds(worker.process.pid) - worker_cpu
                 return n / (time.perf_counter() - start), used * 1000 / n
