@@ -386,23 +386,3 @@ def test_torch_threads_split_the_cores_between_processes(monkeypatch):
     assert torch_threads(Settings(), 4) == 4
     assert torch_threads(Settings(), 32) == 1
     assert torch_threads(Settings(torch_threads=3), 4) == 3
-
-
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priorities are a Linux feature")
-def test_background_threads_run_at_the_lowest_priority_and_the_caller_does_not():
-    import threading
-
-    from worker.decode import background_priority
-
-    seen = {}
-
-    def probe() -> None:
-        background_priority()
-        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    thread = threading.Thread(target=probe)
-    thread.start()
-    thread.join()
-    assert seen["thread"] == 19
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before < 19

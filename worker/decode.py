@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -218,19 +217,6 @@ def fail_all(items: Sequence[tuple[int, str]], reason: str, database_url: str | 
     write_outcomes(session_factory(database_url), outcomes)
 
 
-def background_priority() -> None:
-    """Lower the calling thread's scheduling priority (Linux: nice 19 for this thread only; elsewhere nothing).
-
-    Inference runs torch's intra-op threads on every core, and one of them held up by a loader or writer thread
-    stalls each parallel operator. At the lowest priority the background threads take the cores' idle moments
-    (the detector's serial steps, NMS, decoding) instead; when inference waits for them, nothing competes.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
-        pass
-
-
 def decode_images(
     items: Sequence[tuple[int, str]],
     detector,
@@ -268,8 +254,8 @@ def decode_images(
     done = failed = 0
     load_ms = infer_ms = write_ms = 0.0
     with (
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-loader", initializer=background_priority) as loader,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writer", initializer=background_priority) as writer,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-loader") as loader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writer") as writer,
     ):
 
         def submit_load(batch: list[int]) -> list[Future[list[_Loaded]]]:
