@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from core.paths import is_allowed, path_to_text, resolve_roots, text_to_path
-from test_worker import make_db, rows, small_checkpoint
+from sample_models import small_checkpoint
+from test_worker import make_db, rows
 
 NON_UTF8_NAME = b"caf\xe9-0.png"
 

@@ -27,18 +27,9 @@ from core.checkpoint import (
 from core.detector import image_to_tensor
 from core.models import build_model
 from core.synth import render_captcha
+from sample_models import TINY as _TINY, eager_tiny_model
 
-TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32, "score_thresh": 0.0}
-
-
-def eager_tiny_model(seed: int) -> torch.nn.Module:
-    """A tiny untrained ``fast`` network that reports detections: the last logit of its box head is the objectness
-    (``core.models.fast.BoxHead``), so raising that bias makes proposals characters of random classes."""
-    torch.manual_seed(seed)
-    model = build_model("fast", **TINY)
-    with torch.no_grad():
-        model.box_head.cls.bias[-1] += 8.0
-    return model
+TINY = {**_TINY, "score_thresh": 0.0}
 
 
 @pytest.fixture()

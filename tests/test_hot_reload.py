@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from test_worker import sharpened_random_model
+from sample_models import sharpened_random_model
 from worker.process import WorkerProcess
 
 TINY = '{"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32}'

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from test_worker import reference_texts, rows, small_checkpoint
+from sample_models import small_checkpoint
+from test_worker import reference_texts, rows
 from worker.process import WorkerProcess
 
 pytestmark = pytest.mark.redis

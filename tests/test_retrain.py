@@ -16,9 +16,8 @@ from core.checkpoint import CheckpointError, read_metadata, sha256_file
 from core.registry import RegistryError, champion, get_version, list_versions, load_version, promote, rollback, verify
 from core.retrain import RetrainError, RetrainRequest, run_retrain
 from db.models import TrainingRun, WorkerEvent
-from test_worker import sharpened_random_model
+from sample_models import TINY, sharpened_random_model
 
-TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32}
 
 
 @pytest.fixture(scope="module")

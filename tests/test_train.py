@@ -15,7 +15,7 @@ from core.detector import Detector
 from core.synth import generate
 from core.train import TrainConfig, WidthBucketSampler, lr_at, train_model
 
-TINY = {"widths": [8, 16, 16], "depths": [0, 0], "feature_width": 16, "head_width": 32}
+from sample_models import TINY
 CLI = Path(sys.executable).with_name("captcha-queue")
 
 

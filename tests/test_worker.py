@@ -15,40 +15,7 @@ from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
 from worker.decode import MessageError, decode_images, parse_images, plan_batches
 from worker.main import WorkerConfigError, worker_argv
 
-
-def small_checkpoint(directory: Path) -> Path:
-    """The shipped checkpoint if present, else a seeded random ``fast`` model whose class layer is sharpened so that
-    it emits characters (a random model decodes deterministically, which is all these tests compare)."""
-    from core.checkpoint import default_checkpoint_path, save_checkpoint
-
-    shipped = default_checkpoint_path()
-    if shipped.exists():
-        return shipped
-    return save_checkpoint(sharpened_random_model(), directory / "random.safetensors", {"version": "test-random"})
-
-
-def sharpened_random_model():
-    """``build_model("fast")`` with seeded random weights and large class-layer weights (peaked, stable arg-max);
-    the last class logit (background or objectness, depending on the head) is biased whichever way makes the model
-    detect characters on a synthetic CAPTCHA."""
-    import random
-
-    import torch
-
-    from core.detector import image_to_tensor
-    from core.models import build_model
-    from core.synth import render_captcha
-
-    probe = image_to_tensor(render_captcha("ab12", random.Random(0))[0])
-    for last_bias in (-100.0, 100.0):
-        torch.manual_seed(0)
-        model = build_model("fast").eval()
-        with torch.no_grad():
-            model.box_head.cls.weight.normal_(0.0, 50.0)
-            model.box_head.cls.bias[-1] = last_bias
-            if len(model([probe])[0]["labels"]) > 0:
-                return model
-    raise AssertionError("no sharpening of the random model detects characters")
+from sample_models import small_checkpoint
 
 
 @pytest.fixture(scope="module")
