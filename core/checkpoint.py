@@ -264,16 +264,23 @@ def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, t
 
 
 def save_training_state(
-    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    average: nn.Module | None = None,
 ) -> tuple[Path, Path]:
     """Save what ``train --resume`` needs beside checkpoint ``path``: the model's current weights, the optimizer
-    tensors and hyperparameters, torch's and Python's RNG state, and ``state`` (epoch, step, history: JSON-able).
+    tensors and hyperparameters, torch's and Python's RNG state, ``state`` (epoch, step, history: JSON-able) and,
+    when given, the moving average of the weights (``average``, a ``torch.optim.swa_utils.AveragedModel``).
     Returns the two files written.
     """
     import torch
 
     tensor_file, json_file = state_paths(path)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"average.{k}": v for k, v in average.state_dict().items()})
     optim_tensors, optim_info = _optimizer_to_files(optimizer)
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -291,8 +298,14 @@ def save_training_state(
     return tensor_file, json_file
 
 
-def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model weights, optimizer and RNG state saved by ``save_training_state``; return its ``state`` dict."""
+def load_training_state(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    average: nn.Module | None = None,
+) -> dict:
+    """Restore model weights, optimizer and RNG state (and the weights' moving average into ``average``) saved by
+    ``save_training_state``; return its ``state`` dict."""
     import torch
 
     tensor_file, json_file = state_paths(path)
@@ -316,6 +329,14 @@ def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer: to
         model.load_state_dict(model_state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{tensor_file}: weights do not match the model: {exc}") from None
+    if average is not None:
+        average_state = {k[len("average.") :]: v for k, v in tensors.items() if k.startswith("average.")}
+        if not average_state:
+            raise CheckpointError(f"{tensor_file}: the run kept no moving average of its weights to resume")
+        try:
+            average.load_state_dict(average_state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{tensor_file}: moving average does not match the model: {exc}") from None
     _optimizer_from_files(optimizer, tensors, doc["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     py_version, py_state, py_gauss = doc["python_random"]

@@ -46,6 +46,12 @@ def train(
     init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's weights"),
     version: Optional[str] = typer.Option(None, help="Version string stored in the checkpoint"),
     model_config: str = typer.Option("{}", help='JSON object of network settings, e.g. \'{"input_height": 64}\''),
+    augment: bool = typer.Option(
+        False, help="Randomly recolour, stretch, pad and cross out training images (for small real-image sets)"
+    ),
+    ema_decay: Optional[float] = typer.Option(
+        None, min=0.0, max=0.99999, help="Validate and save a moving average of the weights with this decay (e.g. 0.998)"
+    ),
 ) -> None:
     """Train a detector on a labelled folder; keep the best checkpoint by validation sequence accuracy."""
     import json
@@ -67,7 +73,7 @@ def train(
     cfg = TrainConfig(
         images=images, labels=labels, out=out, val_images=val_images, val_labels=val_labels, arch=arch,
         model_config=network, epochs=epochs, epoch_size=epoch_size, batch_size=batch_size, lr=lr, device=device, num_workers=workers,
-        seed=seed, resume=resume, init_from=init_from, version=version,
+        seed=seed, resume=resume, init_from=init_from, version=version, augment=augment, ema_decay=ema_decay,
     )  # fmt: skip
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from core.augment import Augment, Augmented
 from core.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from core.detector import detect, prediction_from_detections, resolve_device
 from core.evaluate import score
@@ -56,6 +58,8 @@ class TrainConfig:
     val_fraction: float = 0.05
     val_max: int = 500
     val_batch_size: int = 32
+    ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
+    augment: bool = False  # random colours, widths, margins and lines on training samples (core.augment.Augment)
     version: str | None = None  # stored as the checkpoint's "version"
 
     def as_json(self) -> dict[str, Any]:
@@ -176,6 +180,8 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
 
 
 def _widths(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, Augmented):
+        return _widths(dataset.dataset)
     if isinstance(dataset, Subset):
         parent = _widths(dataset.dataset)
         return [parent[i] for i in dataset.indices]
@@ -262,9 +268,17 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         val_source = f"held out from {cfg.images}"
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError(f"no usable training samples in {cfg.images} (skipped: {skipped or 'none'})")
+    if cfg.augment:
+        train_set = Augmented(train_set, Augment())
 
     model, origin = _build(cfg, device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    average = None
+    if cfg.ema_decay is not None:
+        if not 0.0 < cfg.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be between 0 and 1, got {cfg.ema_decay}")
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    evaluated = model if average is None else average.module  # what is validated and saved
     sampler = WidthBucketSampler(
         _widths(train_set), cfg.batch_size, shuffle=True, seed=cfg.seed, epoch_size=cfg.epoch_size
     )
@@ -284,7 +298,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     best_key: tuple[float, float] | None = None
     best_epoch = 0
     if cfg.resume:
-        state = load_training_state(out, model, optimizer)
+        state = load_training_state(out, model, optimizer, average)
         history, step = state["history"], state["step"]
         start_epoch = state["epoch"] + 1
         best_epoch = state["best_epoch"]
@@ -298,6 +312,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         "labels_dir": str(cfg.labels),
         "val_source": val_source,
         "skipped": skipped,
+        "augment": Augment().as_json() if cfg.augment else None,
         **origin,
     }
     emit(
@@ -340,6 +355,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if average is not None:
+                average.update_parameters(model)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
@@ -356,7 +373,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         if errors:
             record["unreadable_images"] = len(errors)
             log.warning("epoch %d: %d unreadable images skipped (first: %s)", epoch, len(errors), errors[0])
-        record.update(validate(model, val_set, cfg.val_batch_size, device, cfg.num_workers))
+        record.update(validate(evaluated, val_set, cfg.val_batch_size, device, cfg.num_workers))
         record["seconds"] = time.perf_counter() - t0
         key = (record["val_sequence_accuracy"], record["val_character_accuracy"])
         record["best"] = best_key is None or key >= best_key
@@ -370,12 +387,13 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
                 "history": history,
                 "version": cfg.version,
             }
-            save_checkpoint(model, out, metadata)
+            save_checkpoint(evaluated, out, metadata)
         save_training_state(
             out,
             model,
             optimizer,
             {"epoch": epoch, "step": step, "best_epoch": best_epoch, "best_key": best_key, "history": history},
+            average,
         )
         epochs_run += 1
         emit({"event": "epoch", **record})

@@ -110,8 +110,9 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path) -> None:
-    straight = train_model(_config(data, tmp_path / "straight.safetensors"))
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path, ema_decay: float | None) -> None:
+    straight = train_model(_config(data, tmp_path / "straight.safetensors", ema_decay=ema_decay))
 
     def stop_after_first_epoch(event: dict) -> None:
         if event["event"] == "epoch" and event["epoch"] == 1:
@@ -119,9 +120,9 @@ def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path) -> No
 
     out = tmp_path / "resumed.safetensors"
     with pytest.raises(_Stop):
-        train_model(_config(data, out), stop_after_first_epoch)
+        train_model(_config(data, out, ema_decay=ema_decay), stop_after_first_epoch)
     events: list[dict] = []
-    resumed = train_model(_config(data, out, resume=True), events.append)
+    resumed = train_model(_config(data, out, resume=True, ema_decay=ema_decay), events.append)
     assert events[0]["start_epoch"] == 2
     assert resumed.epochs_run == 1
     assert [r["epoch"] for r in resumed.history] == [1, 2]
@@ -134,8 +135,32 @@ def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path) -> No
         for x, y in zip(a.state_dict().values(), b.state_dict().values()):
             assert torch.allclose(x.float(), y.float(), atol=1e-5)
     # a finished run resumed again has nothing left to do
-    again = train_model(_config(data, out, resume=True))
+    again = train_model(_config(data, out, resume=True, ema_decay=ema_decay))
     assert again.epochs_run == 0 and again.best_epoch == resumed.best_epoch
+
+
+def test_moving_average_is_what_gets_validated_and_saved(data: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ema.safetensors"
+    result = train_model(_config(data, out, ema_decay=0.5, epochs=1))
+    saved, _ = load_checkpoint(out)
+    state = load_file(str(state_paths(out)[0]))
+    weights = {k: v for k, v in saved.state_dict().items() if v.is_floating_point()}
+    assert weights
+    for name, value in weights.items():
+        assert torch.equal(value, state[f"average.module.{name}"]), name
+    # 2 steps: the average is the mean of the weights after steps 1 and 2, not the raw weights after step 2
+    assert any(not torch.equal(value, state[f"model.{name}"]) for name, value in weights.items())
+    assert state["average.n_averaged"].item() == 2
+    assert result.history[0]["val_images"] == 4
+    # resuming with an average a run that kept none is refused clearly
+    from core.checkpoint import CheckpointError
+
+    plain = tmp_path / "plain.safetensors"
+    train_model(_config(data, plain, epochs=1))
+    with pytest.raises(CheckpointError, match="no moving average"):
+        train_model(_config(data, plain, epochs=2, resume=True, ema_decay=0.5))
 
 
 def test_resume_without_state_is_a_clear_error(data: Path, tmp_path: Path) -> None:
