@@ -645,6 +645,8 @@ def retrain(
     model_config: str = typer.Option("{}", help="JSON object of network settings for --scratch."),
     device: str = typer.Option("auto", help="Device of the training worker: auto | cpu | cuda | cuda:N."),
     force: bool = typer.Option(False, "--force", help="Promote even if the champion is more accurate."),
+    augment: bool = typer.Option(False, help="Randomly recolour, stretch, pad and cross out training images."),
+    ema_decay: Optional[float] = typer.Option(None, help="Validate and publish a moving average of the weights."),
     queue: str = typer.Option("train", help="Broker queue (train workers consume it with --queues train)."),
     wait: bool = typer.Option(False, "--wait", help="Follow the run until it finishes; exit 1 if it fails."),
     database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
@@ -666,6 +668,7 @@ def retrain(
             "val_labels": str(val_labels.resolve()) if val_labels else None,
             "from_version": from_version, "scratch": scratch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "seed": seed, "arch": arch, "model_config": network, "device": device, "force": force,
+            "augment": augment, "ema_decay": ema_decay,
         })  # fmt: skip
     except (ValueError, RetrainError) as exc:
         raise _fail(str(exc), code=2) from None

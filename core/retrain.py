@@ -64,6 +64,8 @@ class RetrainRequest:
     val_batch_size: int = 32
     device: str = "auto"
     force: bool = False  # promote whatever the validation accuracy
+    augment: bool = False  # core.augment.Augment on training samples
+    ema_decay: float | None = None  # validate and publish a moving average of the weights
 
     @classmethod
     def from_json(cls, data: Any) -> RetrainRequest:
@@ -92,6 +94,14 @@ class RetrainRequest:
             raise RetrainError("give both val_images and val_labels, or neither")
         if not isinstance(request.model_config, dict):
             raise RetrainError("'model_config' must be a JSON object")
+        if not isinstance(request.augment, bool):
+            raise RetrainError("'augment' must be true or false")
+        if request.ema_decay is not None and (
+            isinstance(request.ema_decay, bool)
+            or not isinstance(request.ema_decay, (int, float))
+            or not 0 < request.ema_decay < 1
+        ):
+            raise RetrainError("'ema_decay' must be a number between 0 and 1")
         return request
 
     def as_json(self) -> dict[str, Any]:
@@ -240,7 +250,8 @@ def run_retrain(
             val_labels=Path(request.val_labels) if request.val_labels else None,
             arch=request.arch, model_config=request.model_config, epochs=request.epochs,
             batch_size=request.batch_size, lr=request.lr, seed=request.seed, device=request.device,
-            num_workers=0, init_from=init_from, val_batch_size=request.val_batch_size,
+            num_workers=0, init_from=init_from, val_batch_size=request.val_batch_size, augment=request.augment,
+            ema_decay=request.ema_decay,
         )  # fmt: skip
 
         def progress(event: dict[str, Any]) -> None:

@@ -68,7 +68,8 @@ def test_request_validation_names_the_bad_field(data):
     assert RetrainRequest.from_json(good) == request(data)
     for bad, field in (({**good, "epochs": 0}, "epochs"), ({**good, "images": 3}, "images"),
                        ({**good, "from_version": 2}, "from_version or scratch"), ({**good, "colour": 1}, "colour"),
-                       ({**good, "val_labels": None}, "val_images and val_labels")):  # fmt: skip
+                       ({**good, "val_labels": None}, "val_images and val_labels"),
+                       ({**good, "ema_decay": 1.5}, "ema_decay"), ({**good, "augment": "yes"}, "augment")):  # fmt: skip
         with pytest.raises(RetrainError, match=field):
             RetrainRequest.from_json(bad)
 
@@ -97,10 +98,14 @@ def test_retrain_publishes_promotes_and_rolls_back(env, data, configured):
     assert sorted(p.suffix for p in store.iterdir() if p.is_file()) == [".json", ".safetensors"]
 
     # from the champion by default; forced so the outcome does not depend on two tiny models' accuracies
-    second = run_retrain("task-two", request(data, scratch=False, force=True), sessions)
+    second = run_retrain(
+        "task-two", request(data, scratch=False, force=True, augment=True, ema_decay=0.9), sessions
+    )
     assert second.version == 2 and second.promoted
     with sessions() as session:
         assert get_version(session, 2).parent == 1
+        trained_with = read_metadata(get_version(session, 2).path)["train_config"]
+        assert (trained_with["augment"], trained_with["ema_decay"]) == (True, 0.9)
         assert champion(session).number == 2 and get_version(session, 1).status == "ready"
         assert [v.number for v in list_versions(session)] == [2, 1]
 
