@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     )
     checkpoint_dir: Path = Field(Path("checkpoints"), description="Versioned checkpoint store for retraining")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Inference precision: bf16 autocast where the hardware has it natively (auto), or fixed"
+    )
     batch_size: int = Field(32, ge=1, description="Images per inference batch in a worker")
     paths_per_message: int = Field(64, ge=1, description="Image paths carried by one broker message")
     allowed_roots: Annotated[list[Path], NoDecode] = Field(

@@ -19,6 +19,7 @@ from PIL import Image
 from core.charset import CHARS
 from core.checkpoint import default_checkpoint_path, load_checkpoint, sha256_file
 from core.images import load_image, to_rgb
+from core.precision import autocast, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,15 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def detect(
-    model: torch.nn.Module, images: Sequence[torch.Tensor], batch_size: int = 32, device: torch.device | str = "cpu"
+    model: torch.nn.Module,
+    images: Sequence[torch.Tensor],
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> list[dict[str, torch.Tensor]]:
     """Run an eval-mode detector on Tensor[3, H_i, W_i] images grouped by width; detections (on CPU) in input order.
 
+    ``precision``: ``"fp32"``, ``"bf16"`` (autocast of the heavy layers, see ``core.precision``) or ``"auto"``.
     Each detection is ``{"boxes": Tensor[K, 4] x1y1x2y2 px, "labels": Tensor[K] int64, "scores": Tensor[K]}``
     sorted left to right, as the model returns them.
     """
@@ -65,7 +71,8 @@ def detect(
         raise ValueError("batch_size must be at least 1")
     order = sorted(range(len(images)), key=lambda i: (images[i].shape[-1], images[i].shape[-2]))
     out: list[dict[str, torch.Tensor] | None] = [None] * len(images)
-    with torch.inference_mode():
+    precision = resolve_precision(precision, device)
+    with torch.inference_mode(), autocast(precision, device):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             dets = model([images[i].to(device) for i in chunk])
@@ -87,24 +94,30 @@ def prediction_from_detections(det: dict[str, torch.Tensor]) -> Prediction:
 class Detector:
     """A checkpoint loaded for inference. Build with ``Detector.load``."""
 
-    def __init__(self, model: torch.nn.Module, checkpoint_path: Path, metadata: dict, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, checkpoint_path: Path, metadata: dict, device: torch.device,
+                 precision: str = "auto") -> None:
         self.model = model.to(device).eval()
         self.checkpoint_path = checkpoint_path
         self.metadata = metadata
         self.device = device
+        self.precision = resolve_precision(precision, device)  # "fp32" | "bf16"
         self.version: str = metadata.get("version") or "sha256:" + (metadata.get("sha256") or sha256_file(checkpoint_path))[:12]
 
     @classmethod
-    def load(cls, checkpoint: str | os.PathLike | None = None, device: str = "auto") -> Detector:
-        """Load ``checkpoint`` (None -> ``Settings.checkpoint`` or the shipped default) on ``device``."""
-        if checkpoint is None:
-            from core.config import get_settings
+    def load(cls, checkpoint: str | os.PathLike | None = None, device: str = "auto",
+             precision: str | None = None) -> Detector:
+        """Load ``checkpoint`` (None -> ``Settings.checkpoint`` or the shipped default) on ``device``, to run in
+        ``precision`` (None -> ``Settings.precision``; see ``core.precision``)."""
+        from core.config import get_settings
 
+        if checkpoint is None:
             checkpoint = get_settings().checkpoint or default_checkpoint_path()
+        if precision is None:
+            precision = get_settings().precision
         path = Path(checkpoint).expanduser().resolve()
         dev = resolve_device(device)
         model, meta = load_checkpoint(path, device=dev)
-        return cls(model, path, meta, dev)
+        return cls(model, path, meta, dev, precision)
 
     def predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
         """Decode ``images`` (PIL images or paths); one ``Prediction`` per input, same order.
@@ -113,7 +126,7 @@ class Detector:
         per-image failure load the images themselves and pass PIL images).
         """
         tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
-        return [prediction_from_detections(d) for d in detect(self.model, tensors, batch_size, self.device)]
+        return [prediction_from_detections(d) for d in detect(self.model, tensors, batch_size, self.device, self.precision)]
 
     def __repr__(self) -> str:
-        return f"Detector(version={self.version!r}, checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r})"
+        return f"Detector(version={self.version!r}, checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r}, precision={self.precision!r})"

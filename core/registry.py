@@ -206,5 +206,7 @@ def load_version(ref: VersionRef | ModelVersion, device: str = "cpu") -> Detecto
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # corrupt tensors or weights that do not fit the architecture
         raise CheckpointError(f"{ref.version}: cannot load {path}: {exc}") from None
+    from core.config import get_settings
+
     dev = resolve_device(device)
-    return Detector(model.to(dev).eval(), path, meta, dev)
+    return Detector(model.to(dev).eval(), path, meta, dev, get_settings().precision)

@@ -106,7 +106,8 @@ class RPNHead(nn.Module):
         """``[B, C, h, w]`` -> objectness ``[B, h*w*A]``, deltas ``[B, h*w*A, 4]``."""
         b = x.shape[0]
         x = F.relu(self.conv(x))
-        return self.cls(x).permute(0, 2, 3, 1).reshape(b, -1), self.reg(x).permute(0, 2, 3, 1).reshape(b, -1, 4)
+        obj = self.cls(x).permute(0, 2, 3, 1).reshape(b, -1)
+        return obj.float(), self.reg(x).permute(0, 2, 3, 1).reshape(b, -1, 4).float()  # float32 under autocast too
 
 
 class BoxHead(nn.Module):
@@ -132,10 +133,10 @@ class BoxHead(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``[R, C, s, s]`` -> log-probabilities ``[R, num_classes + 1]`` (last = background), deltas ``[R, 4]``."""
         x = F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
-        logits = self.cls(x)
+        logits = self.cls(x).float()  # float32 from here, also under bf16 autocast
         chars, obj = logits[:, :-1], logits[:, -1:]
         log_probs = torch.cat((F.log_softmax(chars, dim=1) + F.logsigmoid(obj), F.logsigmoid(-obj)), dim=1)
-        return log_probs, self.reg(x)
+        return log_probs, self.reg(x).float()
 
 
 class FastRCNN(nn.Module):
@@ -229,7 +230,7 @@ class FastRCNN(nn.Module):
         batch, targets = self.transform(images, targets if self.training else None)
         features = self.backbone(batch.tensors.contiguous(memory_format=torch.channels_last))
         obj, deltas = self.rpn(features)
-        anchors = self.anchors.grid(features.shape[-2], features.shape[-1], features.device, features.dtype)
+        anchors = self.anchors.grid(features.shape[-2], features.shape[-1], features.device, torch.float32)
         proposals, valid = self._proposals(batch, obj.detach(), deltas.detach(), anchors)
         if self.training:
             return self._losses(features, obj, deltas, anchors, proposals, valid, targets)
@@ -277,7 +278,7 @@ class FastRCNN(nn.Module):
                 valid: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         c = self.config
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, features.device)
-        zero = features.sum() * 0.0
+        zero = features.float().sum() * 0.0
 
         # RPN: balanced sample of anchors per image
         labels, matched = match(pairwise_iou(anchors, gt_boxes), gt_valid, c["rpn_fg_iou"], c["rpn_bg_iou"],

@@ -51,9 +51,9 @@ class SeedRPN(nn.Module):
         """features ``[B, C, h, w]`` -> objectness ``[B, h*w*A, 2]``, deltas ``[B, h*w*A, 4]``, anchors ``[h*w*A, 4]``."""
         b, _, h, w = features.shape
         x = F.relu(self.conv(features))
-        obj = self.cls(x).permute(0, 2, 3, 1).reshape(b, -1, 2)
-        deltas = self.reg(x).permute(0, 2, 3, 1).reshape(b, -1, 4)
-        return obj, deltas, self.anchors.grid(h, w, features.device, features.dtype)
+        obj = self.cls(x).permute(0, 2, 3, 1).reshape(b, -1, 2).float()  # float32 even under bf16 autocast
+        deltas = self.reg(x).permute(0, 2, 3, 1).reshape(b, -1, 4).float()
+        return obj, deltas, self.anchors.grid(h, w, features.device, torch.float32)
 
 
 class SeedRCNN(nn.Module):
@@ -116,7 +116,7 @@ class SeedRCNN(nn.Module):
         b = obj.shape[0]
         gt_boxes, gt_labels, valid = pad_targets(targets, features.device)
         has_gt = valid.any(dim=1, keepdim=True)  # images without boxes add nothing, as in the notebook
-        zero = features.sum() * 0.0
+        zero = features.float().sum() * 0.0
 
         # RPN: every anchor that is clearly object or background, no sampling
         labels, matched = match(pairwise_iou(anchors, gt_boxes), valid, self.rpn_fg_iou, self.rpn_bg_iou)
@@ -142,7 +142,7 @@ class SeedRCNN(nn.Module):
             return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "cls": zero}
         classes = torch.where(pos[image, index], gt_labels[image, matched[image, index]], self.num_classes)
         rois = torch.cat((image.unsqueeze(1).to(proposals.dtype), proposals[image, index]), dim=1)
-        logits = self.classifier(self.roi_align(features, rois).flatten(1))
+        logits = self.classifier(self.roi_align(features, rois).flatten(1)).float()
         return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "cls": F.cross_entropy(logits, classes)}
 
     def _detect(self, features: Tensor, obj: Tensor, proposals: Tensor, batch) -> list[dict[str, Tensor]]:
@@ -155,7 +155,7 @@ class SeedRCNN(nn.Module):
         keep = keep[rank_in_group(image[keep]) < self.proposals_per_image]
         boxes, image = boxes[keep], image[keep]
         rois = torch.cat((image.unsqueeze(1).to(boxes.dtype), boxes), dim=1)
-        logits = self.classifier(self.roi_align(features, rois).flatten(1))
+        logits = self.classifier(self.roi_align(features, rois).flatten(1)).float()
         return select_detections(logits, batch.to_original(boxes, image), image, b, self.score_thresh,
                                  self.nms_thresh, self.detections_per_img, num_classes=self.num_classes,
                                  background_argmax=True)
