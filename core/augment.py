@@ -7,9 +7,13 @@ pixels) into a randomly changed one. Each step mirrors a way real CAPTCHAs of on
   change around white (glyphs paler or darker against the light background);
 - shape: the width stretched or squeezed (condensed and wide fonts) and a white-ish margin added above and below
   (smaller glyphs once the network rescales the image to its input height);
+- framing: the image cut left and right to the glyphs plus a random margin (real CAPTCHAs leave a random amount of
+  empty background beside the text). It is also the largest saving of the whole pipeline: about half of a real
+  image's width is empty, and the network's cost grows with the width;
 - clutter: thin dark lines drawn across the image, as the generator of the real images does.
 
-Boxes move with the pixels (stretch scales x, the margin shifts y); nothing is cropped, so no glyph is lost. The
+Boxes move with the pixels (stretch scales x, the margin shifts y, the crop shifts x); the crop never cuts into a
+box, so no glyph is lost. The
 randomness comes from ``torch``'s generator (seeded per DataLoader worker by ``train``), so a seeded run repeats.
 ``Augmented`` wraps a labelled dataset and applies an ``Augment`` to every sample it returns.
 """
@@ -36,11 +40,14 @@ class Augment:
     p_margin: float = 0.3  # add a margin above and below
     margin: tuple[float, float] = (0.0, 0.3)  # total margin as a fraction of the height
     max_lines: int = 2  # draw 0..max_lines thin dark lines
+    p_crop: float = 0.8  # cut the image left and right to the glyphs plus a margin
+    crop_margin: tuple[float, float] = (0.1, 1.0)  # margin on each side, as a fraction of the height
 
     def __call__(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """``image [3, H, W]`` in [0, 1], ``boxes [N, 4]`` x1, y1, x2, y2 pixels -> a changed copy of both (the
         image may change width and height; the boxes follow)."""
         image, boxes = image.clone(), boxes.clone()
+        image, boxes = self._crop(image, boxes)
         image = self._colour(image)
         image, boxes = self._stretch(image, boxes)
         image, boxes = self._margin(image, boxes)
@@ -61,6 +68,25 @@ class Augment:
             image = image.mean(dim=0, keepdim=True).expand(3, -1, -1).clone()
         c = self._uniform(*self.contrast)
         return 1.0 - (1.0 - image) * c
+
+    def _crop(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        if boxes.numel() == 0 or float(torch.rand(())) >= self.p_crop:
+            return image, boxes
+        h, w = image.shape[1:]
+        left = int(boxes[:, 0].min() - self._uniform(*self.crop_margin) * h)
+        right = int(boxes[:, 2].max() + self._uniform(*self.crop_margin) * h) + 1
+        left, right = max(0, left), min(w, right)
+        if right - left < 8:
+            return image, boxes
+        boxes[:, 0::2] -= left
+        return image[:, :, left:right], boxes
+
+    def expected_width(self, width: int, height: int, x1: float, x2: float) -> int:
+        """Roughly how wide a sample of ``width`` x ``height`` whose glyphs span ``x1..x2`` comes out (before the
+        stretch): for batching samples of similar widths together."""
+        if self.p_crop < 0.5:
+            return width
+        return min(width, round(x2 - x1 + sum(self.crop_margin) * height))
 
     def _stretch(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         s = self._uniform(*self.stretch)
@@ -108,12 +134,15 @@ class Augment:
 
 
 class Augmented(Dataset):
-    """A labelled dataset whose samples (``image``, ``boxes``, ...) pass through ``augment``; ``.widths`` are the
-    parent's (widths stay within the stretch range, which is enough for bucketing)."""
+    """A labelled dataset whose samples (``image``, ``boxes``, ...) pass through ``augment``. ``extents`` (the
+    parent's ``(width, height, x1, x2)`` per sample: image size and the glyphs' horizontal span) give ``.widths``,
+    the expected widths after the crop, for bucketing; without them the parent's widths are used."""
 
-    def __init__(self, dataset: Dataset, augment: Augment) -> None:
+    def __init__(self, dataset: Dataset, augment: Augment,
+                 extents: list[tuple[int, int, float, float]] | None = None) -> None:
         self.dataset = dataset
         self.augment = augment
+        self.widths = None if extents is None else [augment.expected_width(*e) for e in extents]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]

@@ -171,6 +171,7 @@ class _LabelledFolder:
         skipped: Counter[str] = Counter()
         self._items: list[tuple[Path, str, list[list[float]], list[int]]] = []
         self.widths: list[int] = []
+        self.extents: list[tuple[int, int, float, float]] = []  # width, height, glyphs' x1 and x2 (pixels)
         for path in paths:
             try:
                 text = text_from_filename(path.name)
@@ -183,6 +184,8 @@ class _LabelledFolder:
                 continue
             self._items.append((path, text, boxes, labels))
             self.widths.append(width)
+            self.extents.append((width, height, min((b[0] for b in boxes), default=0.0),
+                                 max((b[2] for b in boxes), default=float(width))))
         self.skipped: dict[str, int] = dict(skipped)
         _warn_skipped(skipped, len(paths), self.images_dir)
 

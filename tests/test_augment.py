@@ -49,6 +49,35 @@ def test_boxes_follow_the_glyphs_through_stretch_and_margin(seed: int) -> None:
     assert torch.equal(BOXES, BOXES.clone())  # the caller's boxes are not changed in place
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_crop_cuts_the_empty_sides_and_never_a_glyph(seed: int) -> None:
+    torch.manual_seed(seed)
+    augment = Augment(p_crop=1.0, crop_margin=(0.05, 0.1), p_margin=0.0, max_lines=0, contrast=(1.0, 1.0),
+                      p_gray=0.0, stretch=(1.0, 1.0))  # fmt: skip
+    wide = torch.ones(3, 80, 300)
+    wide[:, :, :128] = _glyphs()  # the glyphs on the left, 172 px of background on the right
+    image, boxes = augment(wide, BOXES)
+    # margins of 4-8 px beyond the glyphs' span (10..110): about 118-126 px remain
+    assert 110 <= image.shape[2] <= 128, image.shape
+    assert boxes[:, 0].min() >= 3 and boxes[:, 2].max() <= image.shape[2]
+    for box in boxes:
+        assert _ink_box(image, box) == pytest.approx(box.tolist(), abs=1.0)
+
+
+def test_augmented_widths_follow_the_crop(tmp_path: Path) -> None:
+    from core.formats import LabelledFolder
+
+    generate(tmp_path, 4, seed=2, workers=1, progress=False)
+    plain = LabelledFolder(tmp_path / "images", tmp_path / "labels")
+    cropped = Augmented(plain, Augment(), plain.extents)
+    for i, (w, h, x1, x2) in enumerate(plain.extents):
+        assert 0 <= x1 < x2 <= w and h == 80
+        boxes = plain[i]["boxes"]
+        assert (x1, x2) == pytest.approx((boxes[:, 0].min().item(), boxes[:, 2].max().item()))
+        assert cropped.widths[i] == min(w, round(x2 - x1 + 1.1 * h))
+    assert Augmented(plain, Augment(p_crop=0.0), plain.extents).widths == plain.widths
+
+
 def test_colours_change_but_glyphs_stay_dark_on_light() -> None:
     torch.manual_seed(0)
     augment = Augment(p_permute=1.0, p_gray=0.0, contrast=(1.0, 1.0), stretch=(1.0, 1.0), p_margin=0.0, max_lines=0)
