@@ -52,6 +52,9 @@ def train(
     ema_decay: Optional[float] = typer.Option(
         None, min=0.0, max=0.99999, help="Validate and save a moving average of the weights with this decay (e.g. 0.998)"
     ),
+    precision: str = typer.Option(
+        "auto", help="fp32 | bf16 | auto: bf16 autocast where the CPU or GPU computes bf16 natively (about 2x faster)"
+    ),
 ) -> None:
     """Train a detector on a labelled folder; keep the best checkpoint by validation sequence accuracy."""
     import json
@@ -74,6 +77,7 @@ def train(
         images=images, labels=labels, out=out, val_images=val_images, val_labels=val_labels, arch=arch,
         model_config=network, epochs=epochs, epoch_size=epoch_size, batch_size=batch_size, lr=lr, device=device, num_workers=workers,
         seed=seed, resume=resume, init_from=init_from, version=version, augment=augment, ema_decay=ema_decay,
+        precision=precision,
     )  # fmt: skip
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -86,7 +90,7 @@ def train(
         if event["event"] == "start":
             console.print(
                 f"training {event['train_images']} images, validating on {event['val_images']}, "
-                f"{event['steps_per_epoch']} steps/epoch on {event['device']}"
+                f"{event['steps_per_epoch']} steps/epoch on {event['device']} ({event['precision']})"
             )
             progress.update(task, total=event["steps_per_epoch"], completed=0, epoch=event["start_epoch"])
         elif event["event"] == "step":
@@ -129,6 +133,7 @@ def eval_command(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else"),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by name)"),
     confusions: int = typer.Option(10, min=0, help="How many top character confusions to show"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 | auto (default: CAPTCHA_PRECISION, auto)"),
 ) -> None:
     """Measure sequence accuracy, character accuracy and throughput of a checkpoint on a folder."""
     import json
@@ -143,7 +148,7 @@ def eval_command(
 
     err = Console(stderr=True)
     try:
-        detector = Detector.load(checkpoint, device=device)
+        detector = Detector.load(checkpoint, device=device, precision=precision)
         with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
             task = progress.add_task("eval", total=None)
             report = evaluate(
@@ -157,6 +162,7 @@ def eval_command(
         "checkpoint": str(detector.checkpoint_path),
         "version": detector.version,
         "device": str(detector.device),
+        "precision": detector.precision,
         **report.as_dict(top_confusions=confusions),
     }
     if json_output:

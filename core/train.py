@@ -27,6 +27,7 @@ from core.checkpoint import load_checkpoint, load_training_state, save_checkpoin
 from core.detector import detect, prediction_from_detections, resolve_device
 from core.evaluate import score
 from core.images import ImageError
+from core.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class TrainConfig:
     val_batch_size: int = 32
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights (e.g. 0.998)
     augment: bool = False  # random colours, widths, margins and lines on training samples (core.augment.Augment)
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 where native, see core.precision): training and validation
     version: str | None = None  # stored as the checkpoint's "version"
 
     def as_json(self) -> dict[str, Any]:
@@ -181,11 +183,19 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
 
 def _widths(dataset: Dataset) -> list[int]:
     if isinstance(dataset, Augmented):
-        return _widths(dataset.dataset)
+        return dataset.widths if dataset.widths is not None else _widths(dataset.dataset)
     if isinstance(dataset, Subset):
         parent = _widths(dataset.dataset)
         return [parent[i] for i in dataset.indices]
     return list(dataset.widths)  # type: ignore[attr-defined]
+
+
+def _extents(dataset: Dataset) -> list[tuple[int, int, float, float]] | None:
+    """Per sample ``(width, height, x1, x2)`` of a labelled folder or a subset of one; None when unknown."""
+    if isinstance(dataset, Subset):
+        parent = _extents(dataset.dataset)
+        return None if parent is None else [parent[i] for i in dataset.indices]
+    return getattr(dataset, "extents", None)
 
 
 def _split(dataset: Dataset, cfg: TrainConfig) -> tuple[Dataset, Dataset]:
@@ -204,7 +214,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def validate(
-    model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0
+    model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Decode ``dataset`` (width-sorted batches) and score it: ``val_images``, ``val_sequence_accuracy``,
     ``val_character_accuracy``. The model is left in eval mode."""
@@ -218,7 +229,8 @@ def validate(
     predictions: list[str] = []
     truths: list[str | None] = []
     for batch in loader:
-        dets = detect(model, batch["images"], batch_size=max(1, len(batch["images"])), device=device)
+        dets = detect(model, batch["images"], batch_size=max(1, len(batch["images"])), device=device,
+                      precision=precision)
         predictions.extend(prediction_from_detections(d).text for d in dets)
         truths.extend(batch["texts"])
     s = score(predictions, truths)
@@ -252,6 +264,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         raise ValueError(f"epoch_size must be at least 1, got {cfg.epoch_size}")
     emit = on_progress or (lambda event: None)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -269,7 +282,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError(f"no usable training samples in {cfg.images} (skipped: {skipped or 'none'})")
     if cfg.augment:
-        train_set = Augmented(train_set, Augment())
+        train_set = Augmented(train_set, Augment(), _extents(train_set))
 
     model, origin = _build(cfg, device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -313,6 +326,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         "val_source": val_source,
         "skipped": skipped,
         "augment": Augment().as_json() if cfg.augment else None,
+        "precision": precision,
         **origin,
     }
     emit(
@@ -324,6 +338,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
             "train_images": data_summary["train_images"],
             "val_images": data_summary["val_images"],
             "device": str(device),
+            "precision": precision,
         }
     )
 
@@ -344,7 +359,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
                 group["lr"] = lr
             images = [img.to(device, non_blocking=True) for img in batch["images"]]
             targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-            losses = model(images, targets)
+            with autocast(precision, device):
+                losses = model(images, targets)
             loss = sum(losses.values())
             step += 1
             if not torch.isfinite(loss):
@@ -373,7 +389,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         if errors:
             record["unreadable_images"] = len(errors)
             log.warning("epoch %d: %d unreadable images skipped (first: %s)", epoch, len(errors), errors[0])
-        record.update(validate(evaluated, val_set, cfg.val_batch_size, device, cfg.num_workers))
+        record.update(validate(evaluated, val_set, cfg.val_batch_size, device, cfg.num_workers, precision))
         record["seconds"] = time.perf_counter() - t0
         key = (record["val_sequence_accuracy"], record["val_character_accuracy"])
         record["best"] = best_key is None or key >= best_key
