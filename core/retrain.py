@@ -196,7 +196,7 @@ def _baseline(session: Session, val_set: Any, request: RetrainRequest) -> dict[s
             detector = Detector.load(path, device=request.device)
     except CheckpointError as exc:
         return {"version": row.version if row else None, "val_sequence_accuracy": None, "error": str(exc)}
-    scores = validate(detector.model, val_set, request.val_batch_size, detector.device)
+    scores = validate(detector.model, val_set, request.val_batch_size, detector.device, precision=detector.precision)
     return {"version": detector.version, **scores}
 
 
@@ -251,7 +251,7 @@ def run_retrain(
             arch=request.arch, model_config=request.model_config, epochs=request.epochs,
             batch_size=request.batch_size, lr=request.lr, seed=request.seed, device=request.device,
             num_workers=0, init_from=init_from, val_batch_size=request.val_batch_size, augment=request.augment,
-            ema_decay=request.ema_decay,
+            ema_decay=request.ema_decay, precision=get_settings().precision,
         )  # fmt: skip
 
         def progress(event: dict[str, Any]) -> None:

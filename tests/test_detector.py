@@ -98,7 +98,7 @@ def test_batches_are_grouped_by_width(checkpoint: Path, captchas: list[Path]) ->
 def test_prediction_fields_match_the_detections(checkpoint: Path, captchas: list[Path]) -> None:
     det = Detector.load(checkpoint)
     tensors = [image_to_tensor(Image.open(p)) for p in captchas]
-    raw = detect(det.model, tensors, batch_size=1)
+    raw = detect(det.model, tensors, batch_size=1, precision=det.precision)
     for p, d in zip(det.predict(captchas, batch_size=1), raw):
         assert isinstance(p, Prediction)
         assert p.text == text_from_detections(d)
