@@ -175,7 +175,7 @@ def eval_command(
     table.add_row("images with a truth", str(report.scored))
     table.add_row("sequence accuracy", f"{report.sequence_accuracy:.4f}")
     table.add_row("character accuracy", f"{report.character_accuracy:.4f}")
-    table.add_row("images/s", f"{report.images_per_second:.1f}")
+    table.add_row("images/s", f"{report.images_per_second:.1f} ({detector.device}, {detector.precision})")
     table.add_row("unreadable", str(len(report.unreadable)))
     Console().print(table)
     if summary["top_confusions"]:

@@ -149,12 +149,15 @@ def test_eval_command_prints_one_json_object_with_the_right_accuracy(checkpoint:
     assert report["images_per_second"] > 0
     assert report["checkpoint"] == str(checkpoint.resolve())
     assert report["version"] == Detector.load(checkpoint).version
+    assert report["precision"] == Detector.load(checkpoint, device="cpu").precision
 
     limited = subprocess.run(
-        [str(CLI), "eval", "--images", str(folder), "--checkpoint", str(checkpoint), "--json", "--limit", "2"],
+        [str(CLI), "eval", "--images", str(folder), "--checkpoint", str(checkpoint), "--json", "--limit", "2",
+         "--precision", "fp32"],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert json.loads(limited.stdout)["images"] == 2
+    assert json.loads(limited.stdout)["precision"] == "fp32"
 
 
 def test_eval_command_reports_a_bad_checkpoint(tmp_path: Path) -> None:
