@@ -8,8 +8,8 @@ pixels) into a randomly changed one. Each step mirrors a way real CAPTCHAs of on
 - shape: the width stretched or squeezed (condensed and wide fonts) and a white-ish margin added above and below
   (smaller glyphs once the network rescales the image to its input height);
 - framing: the image cut left and right to the glyphs plus a random margin (real CAPTCHAs leave a random amount of
-  empty background beside the text). It is also the largest saving of the whole pipeline: about half of a real
-  image's width is empty, and the network's cost grows with the width;
+  empty background beside the text). It also saves some work: about half of a real image's width is empty, and the
+  network's cost grows with the width;
 - clutter: thin dark lines drawn across the image, as the generator of the real images does.
 
 Boxes move with the pixels (stretch scales x, the margin shifts y, the crop shifts x); the crop never cuts into a
