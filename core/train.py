@@ -281,8 +281,9 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         val_source = f"held out from {cfg.images}"
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError(f"no usable training samples in {cfg.images} (skipped: {skipped or 'none'})")
-    if cfg.augment:
-        train_set = Augmented(train_set, Augment(), _extents(train_set))
+    augment = Augment() if cfg.augment else None
+    if augment is not None:
+        train_set = Augmented(train_set, augment, _extents(train_set))
 
     model, origin = _build(cfg, device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -325,7 +326,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         "labels_dir": str(cfg.labels),
         "val_source": val_source,
         "skipped": skipped,
-        "augment": Augment().as_json() if cfg.augment else None,
+        "augment": augment.as_json() if augment is not None else None,
         "precision": precision,
         **origin,
     }
