@@ -208,6 +208,19 @@ def load_checkpoint(
     return model.to(device).eval(), meta
 
 
+def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of ``state`` into ``model`` (same name, same shape) and return the names of ``model``'s
+    tensors that ``state`` lacks, which keep their fresh initialisation: a network grown by a new part (say, a
+    context head) starts from a checkpoint of the smaller one. Raises ``CheckpointError`` when a tensor of ``state``
+    has no place in ``model`` or a different shape."""
+    own = model.state_dict()
+    clash = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if clash:
+        raise CheckpointError(f"weights do not fit the network: {_state_mismatch(own, state)}")
+    model.load_state_dict(state, strict=False)
+    return sorted(k for k in own if k not in state)
+
+
 def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
     """A short account of how two state dicts differ (key counts and a few names)."""
 

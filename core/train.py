@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from core.augment import Augment, Augmented
-from core.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from core.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state, transfer_weights
 from core.detector import detect, prediction_from_detections, resolve_device
 from core.evaluate import score
 from core.images import ImageError
@@ -249,7 +249,14 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dic
         model, meta = load_checkpoint(cfg.init_from, device=device)
         if meta["arch"] != cfg.arch:
             log.info("init_from %s: using its architecture %r", cfg.init_from, meta["arch"])
-        return model, {"init_from": str(cfg.init_from), "init_sha256": meta["sha256"]}
+        source = {"init_from": str(cfg.init_from), "init_sha256": meta["sha256"]}
+        if cfg.model_config:  # the checkpoint's network with these settings changed or parts added
+            grown = build_model(**{**meta["model_config"], **cfg.model_config}).to(device)
+            fresh = transfer_weights(grown, model.state_dict())
+            if fresh:
+                log.info("init_from %s: %d tensors start fresh (%s ...)", cfg.init_from, len(fresh), fresh[0])
+            return grown, {**source, "fresh_tensors": len(fresh)}
+        return model, source
     return build_model(arch=cfg.arch, **cfg.model_config).to(device), {}
 
 

@@ -125,18 +125,27 @@ def test_bad_input_gets_a_clear_error(arch):
 # ------------------------------------------------------------------------------------------------ training forward
 
 
-@pytest.mark.parametrize("arch", ["fast", "seed"])
+def _build(arch: str):
+    """``fast``, ``seed``, or ``fast+context``: the fast network with a context head."""
+    if arch == "fast+context":
+        return build_model("fast", context_layers=1)
+    return build_model(arch)
+
+
+@pytest.mark.parametrize("arch", ["fast", "seed", "fast+context"])
 def test_training_forward_returns_finite_named_losses(arch):
     torch.manual_seed(0)
-    model = build_model(arch).train()
+    model = _build(arch).train()
     images, targets, _ = captchas(2, seed=1, max_width=260)
     # an image without characters is allowed too
     images.append(torch.ones(3, 80, 150))
     targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
     losses = model(images, targets)
     assert CONTRACT_LOSSES <= set(losses)
-    if arch == "fast":
+    if arch.startswith("fast"):
         assert "box_reg" in losses
+    if arch == "fast+context":
+        assert float(losses["context"].detach()) > 0
     for name, value in losses.items():
         assert value.dim() == 0 and math.isfinite(float(value.detach())), name
     assert float(losses["cls"].detach()) > 0 and float(losses["rpn_cls"].detach()) > 0
@@ -162,10 +171,10 @@ def _force_detections(model, label: int) -> None:
             model.classifier[-1].bias[label] = 50.0
 
 
-@pytest.mark.parametrize("arch", ["fast", "seed"])
+@pytest.mark.parametrize("arch", ["fast", "seed", "fast+context"])
 def test_eval_output_follows_the_contract_for_a_mixed_batch(arch):
     torch.manual_seed(0)
-    model = build_model(arch).eval()
+    model = _build(arch).eval()
     _force_detections(model, label=CHARS.index("k"))
     images = [torch.rand(3, 80, 455), torch.rand(3, 80, 180), torch.rand(3, 120, 300)]
     with torch.inference_mode():
@@ -176,7 +185,7 @@ def test_eval_output_follows_the_contract_for_a_mixed_batch(arch):
         assert set(det["labels"].tolist()) == {CHARS.index("k")}
         # detections spread over the whole image, in its own pixel coordinates
         assert float(det["boxes"][:, 2].max()) > 0.7 * img.shape[2]
-    if arch == "fast":
+    if arch.startswith("fast"):
         assert all(len(d["labels"]) <= model.config["detections_per_img"] for d in out)
 
 

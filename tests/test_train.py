@@ -177,6 +177,18 @@ def test_init_from_starts_from_the_given_weights(data: Path, tmp_path: Path) -> 
     assert second.history[0]["loss"] < first.history[0]["loss"]
 
 
+def test_init_from_grows_the_network_by_a_context_head(data: Path, tmp_path: Path) -> None:
+    first = train_model(_config(data, tmp_path / "a.safetensors", epochs=1))
+    grown = {**TINY, "context_layers": 1, "context_width": 16, "context_heads": 2}
+    second = train_model(_config(data, tmp_path / "b.safetensors", epochs=1, init_from=first.checkpoint,
+                                 model_config=grown))
+    meta = read_metadata(second.checkpoint)
+    assert meta["model_config"]["context_layers"] == 1 and meta["model_config"]["widths"] == TINY["widths"]
+    assert meta["data_summary"]["fresh_tensors"] > 0  # the context head's, the rest carried over
+    assert "context" in second.history[0]
+    assert second.history[0]["cls"] < first.history[0]["cls"]
+
+
 def test_train_command(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.safetensors"
     proc = subprocess.run(

@@ -11,13 +11,19 @@ light top-down merge gives one stride-4 feature map that the RPN and the RoI hea
     RPN     3x3 conv, per anchor 1 objectness logit + 4 deltas  (anchor_sizes x aspect_ratios at stride 4)
     head    RoIAlign roi_size x roi_size (scale 1/4) -> FC head_width -> FC head_width
             -> objectness + 36 character logits (factorised, see BoxHead), 4 class-agnostic box deltas
+    context (optional, ``context_layers`` > 0) a transformer encoder over each image's characters that corrects their
+            character logits from the others' appearance and sizes (``core/models/context.py``)
 
 Losses (training): ``rpn_cls`` (binary cross-entropy over ``rpn_batch_per_image`` sampled anchors per image),
 ``rpn_reg`` (smooth L1 of positive anchors), ``cls`` (negative log-likelihood of the factorised 37-way class
 distribution over ``box_batch_per_image`` sampled proposals per image, ground truth included), ``box_reg`` (smooth
-L1 of the second-stage deltas of positives, times ``box_reg_weight``). Matching, sampling and proposal selection run
-batched over the padded batch (batched NMS with image offsets); RoIAlign is a weighted gather (``roi_align.py``).
-In eval mode BatchNorm is folded into the convolutions and the backbone runs channels-last.
+L1 of the second-stage deltas of positives, times ``box_reg_weight``), with a context head ``context``
+(cross-entropy of the corrected logits of every image's ground-truth characters, their boxes jittered). Matching,
+sampling and proposal selection run batched over the padded batch (batched NMS with image offsets); RoIAlign is a
+weighted gather (``roi_align.py``).
+In eval mode BatchNorm is folded into the convolutions and the backbone runs channels-last. With a context head,
+eval selects detections as without, then reads them again: RoIAlign on the final boxes, box head, context head; each
+label is the corrected arg-max, its score that class's probability times the box's foreground probability.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torchvision.ops import batched_nms
 
 from core.models.anchors import AnchorGrid, anchor_shapes
 from core.models.boxes import BoxCoder, clip_boxes, pairwise_iou
+from core.models.context import ContextHead, box_geometry
 from core.models.decode import rank_in_group, select_detections
 from core.models.matching import IGNORE, match, pad_targets, sample
 from core.models.roi_align import roi_align
@@ -130,9 +137,16 @@ class BoxHead(nn.Module):
         nn.init.zeros_(self.cls.bias)
         nn.init.zeros_(self.reg.bias)
 
+    def embed(self, x: Tensor) -> Tensor:
+        """``[R, C, s, s]`` -> hidden vectors ``[R, width]`` (what the class and box layers read)."""
+        return F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``[R, C, s, s]`` -> log-probabilities ``[R, num_classes + 1]`` (last = background), deltas ``[R, 4]``."""
-        x = F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+        return self.predict(self.embed(x))
+
+    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Hidden vectors ``[R, width]`` -> log-probabilities ``[R, num_classes + 1]``, deltas ``[R, 4]``."""
         logits = self.cls(x).float()  # float32 from here, also under bf16 autocast
         chars, obj = logits[:, :-1], logits[:, -1:]
         log_probs = torch.cat((F.log_softmax(chars, dim=1) + F.logsigmoid(obj), F.logsigmoid(-obj)), dim=1)
@@ -175,6 +189,10 @@ class FastRCNN(nn.Module):
         cross_class_nms_thresh: float | None = 0.7,
         containment_thresh: float | None = 0.8,
         detections_per_img: int = 16,
+        context_layers: int = 0,
+        context_width: int = 128,
+        context_heads: int = 4,
+        context_jitter: float = 0.1,
     ) -> None:
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
@@ -211,12 +229,17 @@ class FastRCNN(nn.Module):
             "containment_thresh": containment_thresh,
             "detections_per_img": detections_per_img,
         }
+        if context_layers:  # older checkpoints, written before the context head existed, have none of these keys
+            self.config.update(context_layers=context_layers, context_width=context_width,
+                               context_heads=context_heads, context_jitter=context_jitter)
         self.num_classes = num_classes
         self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
         self.backbone = Backbone(widths, depths, feature_width)
         self.anchors = AnchorGrid(anchor_shapes(anchor_sizes, aspect_ratios), self.stride)
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
         self.box_head = BoxHead(feature_width * roi_size * roi_size, head_width, num_classes)
+        self.context = (ContextHead(head_width, context_width, context_layers, context_heads, num_classes)
+                        if context_layers else None)
         self.rpn_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
@@ -233,17 +256,64 @@ class FastRCNN(nn.Module):
         anchors = self.anchors.grid(features.shape[-2], features.shape[-1], features.device, torch.float32)
         proposals, valid = self._proposals(batch, obj.detach(), deltas.detach(), anchors)
         if self.training:
-            return self._losses(features, obj, deltas, anchors, proposals, valid, targets)
+            return self._losses(features, obj, deltas, anchors, proposals, valid, targets, batch.sizes)
         c = self.config
         image, index = torch.nonzero(valid, as_tuple=True)
         boxes = proposals[image, index]
         log_probs, box_deltas = self._classify(features, boxes, image)
         boxes = self.box_coder.decode(boxes, box_deltas)
-        return select_detections(
-            log_probs, batch.to_original(boxes, image), image, len(batch.sizes), c["score_thresh"], c["nms_thresh"],
-            c["detections_per_img"], c["cross_class_nms_thresh"], num_classes=self.num_classes,
-            containment_thresh=c["containment_thresh"],
+        if self.context is None:
+            return select_detections(
+                log_probs, batch.to_original(boxes, image), image, len(batch.sizes), c["score_thresh"],
+                c["nms_thresh"], c["detections_per_img"], c["cross_class_nms_thresh"], num_classes=self.num_classes,
+                containment_thresh=c["containment_thresh"],
+            )
+        boxes = clip_boxes(boxes, batch.sizes[image, 0], batch.sizes[image, 1])
+        detections = select_detections(
+            log_probs, boxes, image, len(batch.sizes), c["score_thresh"], c["nms_thresh"], c["detections_per_img"],
+            c["cross_class_nms_thresh"], num_classes=self.num_classes, containment_thresh=c["containment_thresh"],
         )
+        return self._reread(features, batch, detections)
+
+    def _context_logits(self, features: Tensor, sizes: Tensor, boxes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Box head outputs and context-corrected character logits for the characters ``boxes [B, N, 4]`` (batch
+        pixels, padded; ``mask [B, N]`` marks real ones): ``(log_probs [K, 37], logits [K, num_classes])`` for the
+        K real boxes in ``mask`` order."""
+        c = self.config
+        image, index = torch.nonzero(mask, as_tuple=True)
+        rois = torch.cat((image.unsqueeze(1).to(boxes.dtype), boxes[image, index]), dim=1)
+        hidden = self.box_head.embed(roi_align(features, rois, c["roi_size"], 1.0 / self.stride,
+                                               c["roi_sampling_ratio"]))
+        log_probs, _ = self.box_head.predict(hidden)
+        padded = hidden.new_zeros(*mask.shape, hidden.shape[1])
+        padded[image, index] = hidden
+        logits = self.context(padded, box_geometry(boxes, mask, sizes), mask)
+        return log_probs, log_probs[:, :-1] + logits[image, index]
+
+    def _reread(self, features: Tensor, batch: ImageBatch, detections: list[dict[str, Tensor]]) -> list[dict]:
+        """Relabel each image's detections (boxes in batch pixels) with the context head; boxes to original pixels.
+
+        A character's score is its foreground probability times the context head's probability of its label."""
+        counts = [len(d["boxes"]) for d in detections]
+        n = max(counts, default=0)
+        b = len(detections)
+        mask = torch.zeros(b, max(n, 1), dtype=torch.bool, device=features.device)
+        boxes = features.new_zeros(b, max(n, 1), 4, dtype=torch.float32)
+        for i, d in enumerate(detections):
+            mask[i, : counts[i]] = True
+            boxes[i, : counts[i]] = d["boxes"]
+        image = torch.nonzero(mask, as_tuple=True)[0]
+        if n == 0:
+            return [{**d, "boxes": batch.to_original(d["boxes"], image)} for d in detections]
+        log_probs, logits = self._context_logits(features, batch.sizes, boxes, mask)
+        probs = torch.softmax(logits, dim=1)
+        scores, labels = probs.max(dim=1)
+        scores = scores * -torch.expm1(log_probs[:, -1])  # times 1 - p(background)
+        flat = batch.to_original(boxes[mask], image)
+        return [
+            {"boxes": bx, "labels": lab, "scores": s}
+            for bx, lab, s in zip(flat.split(counts), labels.split(counts), scores.split(counts))
+        ]
 
     def _classify(self, features: Tensor, boxes: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
         """Class log-probabilities ``[R, 37]`` and box deltas ``[R, 4]`` for ``boxes [R, 4]`` (batch pixels) of
@@ -275,7 +345,7 @@ class FastRCNN(nn.Module):
         return out, valid
 
     def _losses(self, features: Tensor, obj: Tensor, deltas: Tensor, anchors: Tensor, proposals: Tensor,
-                valid: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+                valid: Tensor, targets: list[dict[str, Tensor]], sizes: Tensor) -> dict[str, Tensor]:
         c = self.config
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, features.device)
         zero = features.float().sum() * 0.0
@@ -306,4 +376,19 @@ class FastRCNN(nn.Module):
         box_targets = self.box_coder.encode(boxes[is_pos], gt_boxes[image, gt_index][is_pos])
         box_reg = F.smooth_l1_loss(box_deltas[is_pos], box_targets, beta=1 / 9, reduction="sum") / image.numel()
         box_reg = box_reg * c["box_reg_weight"]
-        return {**losses, "cls": F.nll_loss(log_probs, classes), "box_reg": box_reg + zero}
+        losses = {**losses, "cls": F.nll_loss(log_probs, classes), "box_reg": box_reg + zero}
+        if self.context is not None:
+            losses["context"] = self._context_loss(features, gt_boxes, gt_labels, gt_valid, sizes) + zero
+        return losses
+
+    def _context_loss(self, features: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+                      sizes: Tensor) -> Tensor:
+        """Cross-entropy of the context head on each image's ground-truth characters, their boxes jittered by up to
+        ``context_jitter`` of their size per side (as detections are never exact)."""
+        if not bool(gt_valid.any()):
+            return features.float().sum() * 0.0
+        wh = (gt_boxes[..., 2:] - gt_boxes[..., :2]).repeat(1, 1, 2)
+        noise = (torch.rand_like(gt_boxes) * 2.0 - 1.0) * self.config["context_jitter"] * wh
+        boxes = clip_boxes(gt_boxes + noise, sizes[:, 0:1], sizes[:, 1:2])
+        _, logits = self._context_logits(features, sizes, boxes, gt_valid)
+        return F.cross_entropy(logits, gt_labels[gt_valid])
