@@ -21,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
+LOSS_NAMES = ("loss", "rpn_cls", "rpn_reg", "cls", "box_reg", "context")  # shown per epoch, where present
+
 
 # --------------------------------------------------------------------------------------------------------------
 # core: data, training, evaluation
@@ -103,7 +105,7 @@ def train(
                 )
                 recent.clear()
         elif event["event"] == "epoch":
-            losses = " ".join(f"{k} {event[k]:.4f}" for k in ("loss", "rpn_cls", "rpn_reg", "cls", "box_reg", "context") if k in event)
+            losses = " ".join(f"{k} {event[k]:.4f}" for k in LOSS_NAMES if k in event)
             console.print(
                 f"epoch {event['epoch']}: {losses} | val seq {event['val_sequence_accuracy']:.4f} "
                 f"char {event['val_character_accuracy']:.4f} | {event['images_per_second']:.1f} img/s"
@@ -741,7 +743,7 @@ def _follow_run(sessions, task_id: str, poll: float = 1.0) -> None:
 
 
 def _progress_text(progress: dict) -> str:
-    parts = [f"{k} {progress[k]:.4f}" for k in ("loss", "cls", "rpn_cls", "rpn_reg", "box_reg", "context") if k in progress]
+    parts = [f"{k} {progress[k]:.4f}" for k in LOSS_NAMES if k in progress]
     if progress.get("val_sequence_accuracy") is not None:
         parts.append(f"val seq {progress['val_sequence_accuracy']:.4f}")
     return ", ".join(parts) or "-"

@@ -262,18 +262,15 @@ class FastRCNN(nn.Module):
         boxes = proposals[image, index]
         log_probs, box_deltas = self._classify(features, boxes, image)
         boxes = self.box_coder.decode(boxes, box_deltas)
-        if self.context is None:
-            return select_detections(
-                log_probs, batch.to_original(boxes, image), image, len(batch.sizes), c["score_thresh"],
-                c["nms_thresh"], c["detections_per_img"], c["cross_class_nms_thresh"], num_classes=self.num_classes,
-                containment_thresh=c["containment_thresh"],
-            )
-        boxes = clip_boxes(boxes, batch.sizes[image, 0], batch.sizes[image, 1])
-        detections = select_detections(
-            log_probs, boxes, image, len(batch.sizes), c["score_thresh"], c["nms_thresh"], c["detections_per_img"],
-            c["cross_class_nms_thresh"], num_classes=self.num_classes, containment_thresh=c["containment_thresh"],
+        options = dict(
+            num_images=len(batch.sizes), score_thresh=c["score_thresh"], nms_thresh=c["nms_thresh"],
+            detections_per_img=c["detections_per_img"], cross_class_nms_thresh=c["cross_class_nms_thresh"],
+            num_classes=self.num_classes, containment_thresh=c["containment_thresh"],
         )
-        return self._reread(features, batch, detections)
+        if self.context is None:
+            return select_detections(log_probs, batch.to_original(boxes, image), image, **options)
+        boxes = clip_boxes(boxes, batch.sizes[image, 0], batch.sizes[image, 1])  # the context head reads batch pixels
+        return self._reread(features, batch, select_detections(log_probs, boxes, image, **options))
 
     def _context_logits(self, features: Tensor, sizes: Tensor, boxes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Box head outputs and context-corrected character logits for the characters ``boxes [B, N, 4]`` (batch
@@ -295,21 +292,13 @@ class FastRCNN(nn.Module):
 
         A character's score is its foreground probability times the context head's probability of its label."""
         counts = [len(d["boxes"]) for d in detections]
-        n = max(counts, default=0)
-        b = len(detections)
-        mask = torch.zeros(b, max(n, 1), dtype=torch.bool, device=features.device)
-        boxes = features.new_zeros(b, max(n, 1), 4, dtype=torch.float32)
-        for i, d in enumerate(detections):
-            mask[i, : counts[i]] = True
-            boxes[i, : counts[i]] = d["boxes"]
-        image = torch.nonzero(mask, as_tuple=True)[0]
-        if n == 0:
-            return [{**d, "boxes": batch.to_original(d["boxes"], image)} for d in detections]
+        if not any(counts):
+            return detections  # no boxes to reread or to map
+        boxes, _, mask = pad_targets(detections, features.device)
         log_probs, logits = self._context_logits(features, batch.sizes, boxes, mask)
-        probs = torch.softmax(logits, dim=1)
-        scores, labels = probs.max(dim=1)
+        scores, labels = torch.softmax(logits, dim=1).max(dim=1)
         scores = scores * -torch.expm1(log_probs[:, -1])  # times 1 - p(background)
-        flat = batch.to_original(boxes[mask], image)
+        flat = batch.to_original(boxes[mask], torch.nonzero(mask, as_tuple=True)[0])
         return [
             {"boxes": bx, "labels": lab, "scores": s}
             for bx, lab, s in zip(flat.split(counts), labels.split(counts), scores.split(counts))
