@@ -126,13 +126,16 @@ def test_bad_input_gets_a_clear_error(arch):
 
 
 def _build(arch: str):
-    """``fast``, ``seed``, or ``fast+context``: the fast network with a context head."""
+    """``fast``, ``seed``, ``fast+context`` (the fast network with a context head) or ``fast+reader`` (with a glyph
+    reader and a context head over it)."""
     if arch == "fast+context":
         return build_model("fast", context_layers=1)
+    if arch == "fast+reader":
+        return build_model("fast", reader_width=32, context_layers=1)
     return build_model(arch)
 
 
-@pytest.mark.parametrize("arch", ["fast", "seed", "fast+context"])
+@pytest.mark.parametrize("arch", ["fast", "seed", "fast+context", "fast+reader"])
 def test_training_forward_returns_finite_named_losses(arch):
     torch.manual_seed(0)
     model = _build(arch).train()
@@ -144,8 +147,10 @@ def test_training_forward_returns_finite_named_losses(arch):
     assert CONTRACT_LOSSES <= set(losses)
     if arch.startswith("fast"):
         assert "box_reg" in losses
-    if arch == "fast+context":
+    if arch in ("fast+context", "fast+reader"):
         assert float(losses["context"].detach()) > 0
+    if arch == "fast+reader":
+        assert float(losses["reader"].detach()) > 0
     for name, value in losses.items():
         assert value.dim() == 0 and math.isfinite(float(value.detach())), name
     assert float(losses["cls"].detach()) > 0 and float(losses["rpn_cls"].detach()) > 0
@@ -165,13 +170,16 @@ def _force_detections(model, label: int) -> None:
             model.rpn.cls.bias.fill_(10.0)
             model.box_head.cls.bias.zero_()
             model.box_head.cls.bias[label] = 20.0
+            if getattr(model, "reader", None) is not None:  # the reader names the boxes
+                model.reader.cls.bias.zero_()
+                model.reader.cls.bias[label] = 50.0
         else:
             model.rpn.cls.bias.copy_(torch.tensor([-10.0, 10.0, -10.0, 10.0]))
             model.classifier[-1].bias.zero_()
             model.classifier[-1].bias[label] = 50.0
 
 
-@pytest.mark.parametrize("arch", ["fast", "seed", "fast+context"])
+@pytest.mark.parametrize("arch", ["fast", "seed", "fast+context", "fast+reader"])
 def test_eval_output_follows_the_contract_for_a_mixed_batch(arch):
     torch.manual_seed(0)
     model = _build(arch).eval()

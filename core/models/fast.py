@@ -11,19 +11,25 @@ light top-down merge gives one stride-4 feature map that the RPN and the RoI hea
     RPN     3x3 conv, per anchor 1 objectness logit + 4 deltas  (anchor_sizes x aspect_ratios at stride 4)
     head    RoIAlign roi_size x roi_size (scale 1/4) -> FC head_width -> FC head_width
             -> objectness + 36 character logits (factorised, see BoxHead), 4 class-agnostic box deltas
+    reader  (optional, ``reader_width`` > 0) a small CNN that names each character again from a square crop of the
+            input image around its box (``core/models/reader.py``)
     context (optional, ``context_layers`` > 0) a transformer encoder over each image's characters that corrects their
-            character logits from the others' appearance and sizes (``core/models/context.py``)
+            character logits (the reader's where there is one, else the box head's) from the others' appearance and
+            sizes (``core/models/context.py``)
 
 Losses (training): ``rpn_cls`` (binary cross-entropy over ``rpn_batch_per_image`` sampled anchors per image),
 ``rpn_reg`` (smooth L1 of positive anchors), ``cls`` (negative log-likelihood of the factorised 37-way class
 distribution over ``box_batch_per_image`` sampled proposals per image, ground truth included), ``box_reg`` (smooth
-L1 of the second-stage deltas of positives, times ``box_reg_weight``), with a context head ``context``
-(cross-entropy of the corrected logits of every image's ground-truth characters, their boxes jittered). Matching,
+L1 of the second-stage deltas of positives, times ``box_reg_weight``), with a glyph reader ``reader``
+(cross-entropy of its logits on every image's ground-truth characters, their boxes jittered) and with a context head
+``context`` (cross-entropy of the corrected logits on the same boxes). After ``freeze_detector()`` training returns
+only ``reader`` and ``context`` and never runs the backbone. Matching,
 sampling and proposal selection run batched over the padded batch (batched NMS with image offsets); RoIAlign is a
 weighted gather (``roi_align.py``).
 In eval mode BatchNorm is folded into the convolutions and the backbone runs channels-last. With a context head,
-eval selects detections as without, then reads them again: RoIAlign on the final boxes, box head, context head; each
-label is the corrected arg-max, its score that class's probability times the box's foreground probability.
+eval selects detections as without, then reads them again: RoIAlign on the final boxes and box head (foreground
+probability), glyph reader on crops of the input, context head; each label is the final arg-max, its score that
+class's probability times the box's foreground probability.
 """
 
 from __future__ import annotations
@@ -39,42 +45,11 @@ from core.models.anchors import AnchorGrid, anchor_shapes
 from core.models.boxes import BoxCoder, clip_boxes, pairwise_iou
 from core.models.context import ContextHead, box_geometry
 from core.models.decode import rank_in_group, select_detections
+from core.models.layers import BasicBlock, ConvBN
 from core.models.matching import IGNORE, match, pad_targets, sample
 from core.models.roi_align import roi_align
-from core.models.transform import ImageBatch, ImageTransform
-
-
-class ConvBN(nn.Module):
-    """Conv (no bias) + BatchNorm (+ ReLU). In eval mode the BatchNorm is folded into the conv weights on the fly,
-    so inference runs one convolution and no normalisation pass."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1, kernel: int = 3, relu: bool = True) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.relu = relu
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            x = self.bn(self.conv(x))
-        else:
-            bn = self.bn
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            x = F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale,
-                         self.conv.stride, self.conv.padding)
-        return F.relu(x, inplace=True) if self.relu else x
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 ConvBN, identity shortcut."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = ConvBN(width, width)
-        self.conv2 = ConvBN(width, width, relu=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x + self.conv2(self.conv1(x)))
+from core.models.reader import GlyphReader
+from core.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageBatch, ImageTransform
 
 
 class Backbone(nn.Module):
@@ -193,6 +168,9 @@ class FastRCNN(nn.Module):
         context_width: int = 128,
         context_heads: int = 4,
         context_jitter: float = 0.1,
+        reader_width: int = 0,
+        reader_crop: int = 24,
+        reader_margin: float = 0.15,
     ) -> None:
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
@@ -232,14 +210,21 @@ class FastRCNN(nn.Module):
         if context_layers:  # older checkpoints, written before the context head existed, have none of these keys
             self.config.update(context_layers=context_layers, context_width=context_width,
                                context_heads=context_heads, context_jitter=context_jitter)
+        if reader_width:  # likewise for the glyph reader
+            self.config.update(reader_width=reader_width, reader_crop=reader_crop, reader_margin=reader_margin)
+        if context_layers or reader_width:
+            self.config["context_jitter"] = context_jitter
         self.num_classes = num_classes
         self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
         self.backbone = Backbone(widths, depths, feature_width)
         self.anchors = AnchorGrid(anchor_shapes(anchor_sizes, aspect_ratios), self.stride)
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
         self.box_head = BoxHead(feature_width * roi_size * roi_size, head_width, num_classes)
-        self.context = (ContextHead(head_width, context_width, context_layers, context_heads, num_classes)
-                        if context_layers else None)
+        self.reader = (GlyphReader(reader_width, reader_crop, reader_margin, num_classes, IMAGENET_MEAN, IMAGENET_STD)
+                       if reader_width else None)
+        self.context = (ContextHead(reader_width or head_width, context_width, context_layers, context_heads,
+                                    num_classes) if context_layers else None)
+        self.detector_frozen = False  # set by freeze_detector(): training then fits only the reader and context head
         self.rpn_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
@@ -251,12 +236,15 @@ class FastRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
         batch, targets = self.transform(images, targets if self.training else None)
+        if self.training and self.detector_frozen:
+            gt_boxes, gt_labels, gt_valid = pad_targets(targets, batch.tensors.device)
+            return self._reread_losses(None, batch, gt_boxes, gt_labels, gt_valid)
         features = self.backbone(batch.tensors.contiguous(memory_format=torch.channels_last))
         obj, deltas = self.rpn(features)
         anchors = self.anchors.grid(features.shape[-2], features.shape[-1], features.device, torch.float32)
         proposals, valid = self._proposals(batch, obj.detach(), deltas.detach(), anchors)
         if self.training:
-            return self._losses(features, obj, deltas, anchors, proposals, valid, targets, batch.sizes)
+            return self._losses(features, obj, deltas, anchors, proposals, valid, targets, batch)
         c = self.config
         image, index = torch.nonzero(valid, as_tuple=True)
         boxes = proposals[image, index]
@@ -267,35 +255,58 @@ class FastRCNN(nn.Module):
             detections_per_img=c["detections_per_img"], cross_class_nms_thresh=c["cross_class_nms_thresh"],
             num_classes=self.num_classes, containment_thresh=c["containment_thresh"],
         )
-        if self.context is None:
+        if self.context is None and self.reader is None:
             return select_detections(log_probs, batch.to_original(boxes, image), image, **options)
-        boxes = clip_boxes(boxes, batch.sizes[image, 0], batch.sizes[image, 1])  # the context head reads batch pixels
+        boxes = clip_boxes(boxes, batch.sizes[image, 0], batch.sizes[image, 1])  # the reread works in batch pixels
         return self._reread(features, batch, select_detections(log_probs, boxes, image, **options))
 
-    def _context_logits(self, features: Tensor, sizes: Tensor, boxes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Box head outputs and context-corrected character logits for the characters ``boxes [B, N, 4]`` (batch
-        pixels, padded; ``mask [B, N]`` marks real ones): ``(log_probs [K, 37], logits [K, num_classes])`` for the
-        K real boxes in ``mask`` order."""
+    def freeze_detector(self) -> None:
+        """Train only the glyph reader and the context head: every other weight stops taking gradients, and
+        training ``forward`` skips the detector and returns only the ``reader`` (and ``context``) losses."""
+        if self.reader is None:
+            raise ValueError("freeze_detector needs a glyph reader (reader_width > 0)")
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.startswith(("reader.", "context.")))
+        self.detector_frozen = True
+
+    def _read(self, features: Tensor | None, batch: ImageBatch, boxes: Tensor,
+              mask: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Read the characters ``boxes [B, N, 4]`` (batch pixels, padded; ``mask [B, N]`` marks real ones) again.
+
+        Returns, for the K real boxes in ``mask`` order: the box head's log-probabilities ``[K, 37]`` (None without
+        ``features``, which only the glyph reader can do without), the base character logits ``[K, num_classes]``
+        (the glyph reader's, else the box head's) and the final ones (base plus the context head's corrections)."""
         c = self.config
         image, index = torch.nonzero(mask, as_tuple=True)
-        rois = torch.cat((image.unsqueeze(1).to(boxes.dtype), boxes[image, index]), dim=1)
-        hidden = self.box_head.embed(roi_align(features, rois, c["roi_size"], 1.0 / self.stride,
-                                               c["roi_sampling_ratio"]))
-        log_probs, _ = self.box_head.predict(hidden)
+        flat = boxes[image, index]
+        log_probs = hidden = None
+        if features is not None:
+            rois = torch.cat((image.unsqueeze(1).to(flat.dtype), flat), dim=1)
+            hidden = self.box_head.embed(roi_align(features, rois, c["roi_size"], 1.0 / self.stride,
+                                                   c["roi_sampling_ratio"]))
+            log_probs, _ = self.box_head.predict(hidden)
+        if self.reader is not None:
+            hidden = self.reader.embed(self.reader.crops(batch.tensors, flat, image))
+            base = self.reader.predict(hidden)
+        else:
+            base = log_probs[:, :-1]
+        if self.context is None:
+            return log_probs, base, base
         padded = hidden.new_zeros(*mask.shape, hidden.shape[1])
         padded[image, index] = hidden
-        logits = self.context(padded, box_geometry(boxes, mask, sizes), mask)
-        return log_probs, log_probs[:, :-1] + logits[image, index]
+        corrections = self.context(padded, box_geometry(boxes, mask, batch.sizes), mask)
+        return log_probs, base, base + corrections[image, index]
 
     def _reread(self, features: Tensor, batch: ImageBatch, detections: list[dict[str, Tensor]]) -> list[dict]:
-        """Relabel each image's detections (boxes in batch pixels) with the context head; boxes to original pixels.
+        """Relabel each image's detections (boxes in batch pixels) with the glyph reader and / or the context head;
+        boxes to original pixels.
 
-        A character's score is its foreground probability times the context head's probability of its label."""
+        A character's score is the probability of its label times the box's foreground probability."""
         counts = [len(d["boxes"]) for d in detections]
         if not any(counts):
             return detections  # no boxes to reread or to map
         boxes, _, mask = pad_targets(detections, features.device)
-        log_probs, logits = self._context_logits(features, batch.sizes, boxes, mask)
+        log_probs, _, logits = self._read(features, batch, boxes, mask)
         scores, labels = torch.softmax(logits, dim=1).max(dim=1)
         scores = scores * -torch.expm1(log_probs[:, -1])  # times 1 - p(background)
         flat = batch.to_original(boxes[mask], torch.nonzero(mask, as_tuple=True)[0])
@@ -334,7 +345,7 @@ class FastRCNN(nn.Module):
         return out, valid
 
     def _losses(self, features: Tensor, obj: Tensor, deltas: Tensor, anchors: Tensor, proposals: Tensor,
-                valid: Tensor, targets: list[dict[str, Tensor]], sizes: Tensor) -> dict[str, Tensor]:
+                valid: Tensor, targets: list[dict[str, Tensor]], batch: ImageBatch) -> dict[str, Tensor]:
         c = self.config
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, features.device)
         zero = features.float().sum() * 0.0
@@ -366,18 +377,29 @@ class FastRCNN(nn.Module):
         box_reg = F.smooth_l1_loss(box_deltas[is_pos], box_targets, beta=1 / 9, reduction="sum") / image.numel()
         box_reg = box_reg * c["box_reg_weight"]
         losses = {**losses, "cls": F.nll_loss(log_probs, classes), "box_reg": box_reg + zero}
-        if self.context is not None:
-            losses["context"] = self._context_loss(features, gt_boxes, gt_labels, gt_valid, sizes) + zero
+        if self.context is not None or self.reader is not None:
+            losses.update({k: v + zero for k, v in self._reread_losses(features, batch, gt_boxes, gt_labels,
+                                                                       gt_valid).items()})
         return losses
 
-    def _context_loss(self, features: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
-                      sizes: Tensor) -> Tensor:
-        """Cross-entropy of the context head on each image's ground-truth characters, their boxes jittered by up to
-        ``context_jitter`` of their size per side (as detections are never exact)."""
+    def _reread_losses(self, features: Tensor | None, batch: ImageBatch, gt_boxes: Tensor, gt_labels: Tensor,
+                       gt_valid: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy of the glyph reader (``reader``) and of the context-corrected logits (``context``) on each
+        image's ground-truth characters, their boxes jittered by up to ``context_jitter`` of their size per side (as
+        detections are never exact)."""
+        names = [n for n, part in (("reader", self.reader), ("context", self.context)) if part is not None]
         if not bool(gt_valid.any()):
-            return features.float().sum() * 0.0
+            zero = batch.tensors.float().sum() * 0.0
+            return {n: zero for n in names}
+        sizes = batch.sizes
         wh = (gt_boxes[..., 2:] - gt_boxes[..., :2]).repeat(1, 1, 2)
         noise = (torch.rand_like(gt_boxes) * 2.0 - 1.0) * self.config["context_jitter"] * wh
         boxes = clip_boxes(gt_boxes + noise, sizes[:, 0:1], sizes[:, 1:2])
-        _, logits = self._context_logits(features, sizes, boxes, gt_valid)
-        return F.cross_entropy(logits, gt_labels[gt_valid])
+        _, base, logits = self._read(features if self.reader is None else None, batch, boxes, gt_valid)
+        labels = gt_labels[gt_valid]
+        losses = {}
+        if self.reader is not None:
+            losses["reader"] = F.cross_entropy(base, labels)
+        if self.context is not None:
+            losses["context"] = F.cross_entropy(logits, labels)
+        return losses

@@ -1,0 +1,79 @@
+"""The glyph reader: square ink crops, training it alone with the detector frozen, and learning to name glyphs that
+the detector only finds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.models import build_model
+from core.models.reader import GlyphReader
+from core.models.transform import IMAGENET_MEAN, IMAGENET_STD
+from tests.sample_models import TINY
+from tests.test_models import captchas
+
+READER = {**TINY, "reader_width": 32, "context_layers": 1, "context_width": 16, "context_heads": 2}
+
+
+def _normalised(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((image - mean) / std).unsqueeze(0)
+
+
+def test_crops_are_square_ink_centred_on_the_box_and_white_outside_the_image() -> None:
+    image = torch.ones(3, 64, 200)
+    image[:, 20:44, 100:104] = 0.0  # a black bar 4 px wide, 24 px tall
+    image[:, 0:10, 0:6] = 0.2  # a dark block in the top-left corner
+    reader = GlyphReader(width=8, crop=32, margin=0.15)
+    boxes = torch.tensor([[100.0, 20.0, 104.0, 44.0], [0.0, 0.0, 6.0, 10.0]])
+    crops = reader.crops(_normalised(image), boxes, torch.tensor([0, 0]))
+    assert crops.shape == (2, 3, 32, 32)
+    bar = crops[0, 0]
+    # the square keeps the aspect ratio: the bar fills the middle columns and leaves the sides white
+    assert float(bar[4:28, 15:17].min()) > 0.95
+    assert float(bar[:, :8].max()) < 0.01 and float(bar[:, 24:].max()) < 0.01
+    corner = crops[1, 0]
+    # the block's crop reaches past the image's top and left edges: there it reads white (0), not grey
+    assert float(corner[:4, :4].max()) < 0.01
+    assert float(corner[16, 16]) == pytest.approx(0.8, abs=0.02)
+
+
+def test_a_frozen_detector_trains_only_the_reader_and_context_head() -> None:
+    torch.manual_seed(0)
+    model = build_model("fast", **READER).train()
+    model.freeze_detector()
+    images, targets, _ = captchas(3, seed=4, max_width=300)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = model(images, targets)
+    assert set(losses) == {"reader", "context"}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(losses.values()).backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("reader.", "context.")) for k in changed)
+    assert any(k.startswith("reader.") for k in changed)
+    with pytest.raises(ValueError, match="reader"):
+        build_model("fast", **TINY).freeze_detector()
+
+
+def test_the_reader_learns_to_name_the_glyphs_of_its_training_images() -> None:
+    torch.manual_seed(0)
+    model = build_model("fast", **{**READER, "context_layers": 0, "context_jitter": 0.0}).train()
+    model.freeze_detector()
+    images, targets, _ = captchas(12, seed=5, max_width=400, alphabet="abcdef012")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(150):
+        loss = model(images, targets)["reader"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        scaled = [t["boxes"] * batch.scales[i].repeat(2) for i, t in enumerate(targets)]
+        image = torch.cat([torch.full((len(b),), i) for i, b in enumerate(scaled)])
+        logits = model.reader.predict(model.reader.embed(model.reader.crops(batch.tensors, torch.cat(scaled), image)))
+    truth = torch.cat([t["labels"] for t in targets])
+    assert torch.equal(logits.argmax(dim=1), truth)
