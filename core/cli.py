@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-LOSS_NAMES = ("loss", "rpn_cls", "rpn_reg", "cls", "box_reg", "context")  # shown per epoch, where present
+LOSS_NAMES = ("loss", "rpn_cls", "rpn_reg", "cls", "box_reg", "reader", "context")  # shown per epoch, where present
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -57,6 +57,9 @@ def train(
     precision: str = typer.Option(
         "auto", help="fp32 | bf16 | auto: bf16 autocast where the CPU or GPU computes bf16 natively (about 2x faster)"
     ),
+    train_parts: str = typer.Option(
+        "all", help="all | reader: train only the glyph reader and context head on ground-truth boxes (detector frozen)"
+    ),
 ) -> None:
     """Train a detector on a labelled folder; keep the best checkpoint by validation sequence accuracy."""
     import json
@@ -79,7 +82,7 @@ def train(
         images=images, labels=labels, out=out, val_images=val_images, val_labels=val_labels, arch=arch,
         model_config=network, epochs=epochs, epoch_size=epoch_size, batch_size=batch_size, lr=lr, device=device, num_workers=workers,
         seed=seed, resume=resume, init_from=init_from, version=version, augment=augment, ema_decay=ema_decay,
-        precision=precision,
+        precision=precision, train_parts=train_parts,
     )  # fmt: skip
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -655,6 +658,7 @@ def retrain(
     force: bool = typer.Option(False, "--force", help="Promote even if the champion is more accurate."),
     augment: bool = typer.Option(False, help="Randomly recolour, stretch, pad and cross out training images."),
     ema_decay: Optional[float] = typer.Option(None, help="Validate and publish a moving average of the weights."),
+    train_parts: str = typer.Option("all", help="all | reader: train only the glyph reader and context head."),
     queue: str = typer.Option("train", help="Broker queue (train workers consume it with --queues train)."),
     wait: bool = typer.Option(False, "--wait", help="Follow the run until it finishes; exit 1 if it fails."),
     database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
@@ -676,7 +680,7 @@ def retrain(
             "val_labels": str(val_labels.resolve()) if val_labels else None,
             "from_version": from_version, "scratch": scratch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "seed": seed, "arch": arch, "model_config": network, "device": device, "force": force,
-            "augment": augment, "ema_decay": ema_decay,
+            "augment": augment, "ema_decay": ema_decay, "train_parts": train_parts,
         })  # fmt: skip
     except (ValueError, RetrainError) as exc:
         raise _fail(str(exc), code=2) from None

@@ -66,6 +66,7 @@ class RetrainRequest:
     force: bool = False  # promote whatever the validation accuracy
     augment: bool = False  # core.augment.Augment on training samples
     ema_decay: float | None = None  # validate and publish a moving average of the weights
+    train_parts: str = "all"  # all | reader: only the glyph reader and context head learn (core.train.TrainConfig)
 
     @classmethod
     def from_json(cls, data: Any) -> RetrainRequest:
@@ -102,6 +103,8 @@ class RetrainRequest:
             or not 0 < request.ema_decay < 1
         ):
             raise RetrainError("'ema_decay' must be a number between 0 and 1")
+        if request.train_parts not in ("all", "reader"):
+            raise RetrainError("'train_parts' must be 'all' or 'reader'")
         return request
 
     def as_json(self) -> dict[str, Any]:
@@ -251,7 +254,7 @@ def run_retrain(
             arch=request.arch, model_config=request.model_config, epochs=request.epochs,
             batch_size=request.batch_size, lr=request.lr, seed=request.seed, device=request.device,
             num_workers=0, init_from=init_from, val_batch_size=request.val_batch_size, augment=request.augment,
-            ema_decay=request.ema_decay, precision=get_settings().precision,
+            ema_decay=request.ema_decay, precision=get_settings().precision, train_parts=request.train_parts,
         )  # fmt: skip
 
         def progress(event: dict[str, Any]) -> None:

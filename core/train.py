@@ -63,6 +63,7 @@ class TrainConfig:
     augment: bool = False  # random colours, widths, margins and lines on training samples (core.augment.Augment)
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 where native, see core.precision): training and validation
     version: str | None = None  # stored as the checkpoint's "version"
+    train_parts: str = "all"  # all | reader: only the glyph reader and context head learn, the detector is frozen
 
     def as_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -251,8 +252,13 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dic
             log.info("init_from %s: using its architecture %r", cfg.init_from, meta["arch"])
         source = {"init_from": str(cfg.init_from), "init_sha256": meta["sha256"]}
         if cfg.model_config:  # the checkpoint's network with these settings changed or parts added
-            grown = build_model(**{**meta["model_config"], **cfg.model_config}).to(device)
-            fresh = transfer_weights(grown, model.state_dict())
+            config = {**meta["model_config"], **cfg.model_config}
+            grown = build_model(**config).to(device)
+            state = model.state_dict()
+            if config.get("reader_width") != meta["model_config"].get("reader_width"):
+                # a context head reads the glyph reader's vectors where there is one: it cannot carry over
+                state = {k: v for k, v in state.items() if not k.startswith("context.")}
+            fresh = transfer_weights(grown, state)
             if fresh:
                 log.info("init_from %s: %d tensors start fresh (%s ...)", cfg.init_from, len(fresh), fresh[0])
             return grown, {**source, "fresh_tensors": len(fresh)}
@@ -293,6 +299,12 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         train_set = Augmented(train_set, augment, _extents(train_set))
 
     model, origin = _build(cfg, device)
+    if cfg.train_parts not in ("all", "reader"):
+        raise ValueError(f"train_parts must be 'all' or 'reader', got {cfg.train_parts!r}")
+    if cfg.train_parts == "reader":
+        if not hasattr(model, "freeze_detector"):
+            raise ValueError(f"train_parts 'reader' needs the fast architecture, not {cfg.arch!r}")
+        model.freeze_detector()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     average = None
     if cfg.ema_decay is not None:

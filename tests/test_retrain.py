@@ -69,7 +69,8 @@ def test_request_validation_names_the_bad_field(data):
     for bad, field in (({**good, "epochs": 0}, "epochs"), ({**good, "images": 3}, "images"),
                        ({**good, "from_version": 2}, "from_version or scratch"), ({**good, "colour": 1}, "colour"),
                        ({**good, "val_labels": None}, "val_images and val_labels"),
-                       ({**good, "ema_decay": 1.5}, "ema_decay"), ({**good, "augment": "yes"}, "augment")):  # fmt: skip
+                       ({**good, "ema_decay": 1.5}, "ema_decay"), ({**good, "augment": "yes"}, "augment"),
+                       ({**good, "train_parts": "heads"}, "train_parts")):  # fmt: skip
         with pytest.raises(RetrainError, match=field):
             RetrainRequest.from_json(bad)
 

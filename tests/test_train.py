@@ -189,6 +189,26 @@ def test_init_from_grows_the_network_by_a_context_head(data: Path, tmp_path: Pat
     assert second.history[0]["cls"] < first.history[0]["cls"]
 
 
+def test_train_parts_reader_fits_a_new_reader_and_leaves_the_detector_alone(data: Path, tmp_path: Path) -> None:
+    first = train_model(_config(data, tmp_path / "a.safetensors", epochs=1,
+                                model_config={**TINY, "context_layers": 1, "context_width": 16, "context_heads": 2}))
+    grown = {"reader_width": 16}
+    second = train_model(_config(data, tmp_path / "b.safetensors", epochs=2, init_from=first.checkpoint,
+                                 model_config=grown, train_parts="reader", lr=3e-3))
+    assert {"reader", "context"} <= set(second.history[0]) and "cls" not in second.history[0]
+    assert second.history[-1]["reader"] < second.history[0]["reader"]
+    old, _ = load_checkpoint(first.checkpoint)
+    new, meta = load_checkpoint(second.checkpoint)
+    assert meta["model_config"]["reader_width"] == 16
+    old_state, new_state = old.state_dict(), new.state_dict()
+    detector = [k for k in old_state if not k.startswith("context.")]
+    assert detector and all(torch.equal(old_state[k], new_state[k]) for k in detector)
+    # the context head read the box head's vectors; over a reader it starts again (the input width also changed)
+    assert meta["data_summary"]["fresh_tensors"] > len([k for k in new_state if k.startswith("reader.")])
+    with pytest.raises(ValueError, match="reader"):
+        train_model(_config(data, tmp_path / "c.safetensors", epochs=1, train_parts="reader"))
+
+
 def test_train_command(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.safetensors"
     proc = subprocess.run(
