@@ -3,8 +3,8 @@
 # synthetic training, validation and test sets (fixed seeds), training of the `fast` network, evaluation on the
 # fresh test set, then the copy into the package. Rerun it whenever the network or the generator changes.
 #
-#   bash bench/train_default.sh            # everything (about 75 minutes on 2 free CPU cores in bf16)
-#   RESUME=1 bash bench/train_default.sh   # continue an interrupted phase 2 where it stopped
+#   bash bench/train_default.sh   # everything (about two hours on 2 free CPU cores); an interrupted run continues
+#                                 # with the phase where it stopped when started again
 #
 # Variables: WORK (scratch folder), DEVICE (auto | cpu | cuda), WORKERS (DataLoader processes), INSTALL=0 to
 # train and evaluate without copying into core/default_checkpoint.
@@ -26,6 +26,10 @@ EPOCHS=9;   EPOCH_SIZE=5000; BATCH=16; LR=2e-3; SEED=0
 EPOCHS2=18; LR2=1e-3;        SEED2=1; EMA2=0.998
 # phase 2 adds the context head (core/models/context.py) to phase 1's network; its other weights carry over
 MODEL2='{"context_layers": 2}'
+# phase 3 adds the glyph reader (core/models/reader.py) and trains only it and a fresh context head over it, the
+# detector frozen (--train-parts reader): EPOCHS3 epochs of EPOCH_SIZE3 images, batches of BATCH3
+EPOCHS3=14; EPOCH_SIZE3=12000; BATCH3=32; LR3=3e-3; SEED3=2; EMA3=0.998
+MODEL3='{"reader_width": 128}'
 
 mkdir -p "$WORK"
 [ -d "$WORK/train" ] || $CQ synth "$WORK/train" --count $TRAIN_COUNT --seed $TRAIN_SEED --quiet
@@ -42,8 +46,19 @@ if [ ! -f "$WORK/phase1.done" ]; then  # phase 1 resumes by itself when interrup
   touch "$WORK/phase1.done"
 fi
 
-$CQ train "${DATA[@]}" --epochs $EPOCHS2 --lr $LR2 --seed $SEED2 --init-from "$WORK/phase1.safetensors" \
-  --ema-decay $EMA2 --model-config "$MODEL2" --out "$WORK/fast.safetensors" ${RESUME:+--resume}
+if [ ! -f "$WORK/phase2.done" ]; then
+  $CQ train "${DATA[@]}" --epochs $EPOCHS2 --lr $LR2 --seed $SEED2 --init-from "$WORK/phase1.safetensors" \
+    --ema-decay $EMA2 --model-config "$MODEL2" --out "$WORK/phase2.safetensors" \
+    $( [ -f "$WORK/phase2.state.json" ] && echo --resume )
+  touch "$WORK/phase2.done"
+fi
+
+DATA3=(--images "$WORK/train/images" --labels "$WORK/train/labels"
+       --val-images "$WORK/val/images" --val-labels "$WORK/val/labels"
+       --arch fast --epoch-size $EPOCH_SIZE3 --batch-size $BATCH3 --device "$DEVICE" --workers "$WORKERS")
+$CQ train "${DATA3[@]}" --epochs $EPOCHS3 --lr $LR3 --seed $SEED3 --init-from "$WORK/phase2.safetensors" \
+  --ema-decay $EMA3 --model-config "$MODEL3" --train-parts reader --out "$WORK/fast.safetensors" \
+  $( [ -f "$WORK/fast.state.json" ] && echo --resume )
 
 $CQ eval --images "$WORK/test/images" --checkpoint "$WORK/fast.safetensors" --device "$DEVICE" --json \
   | tee "$WORK/eval.json"
