@@ -1,12 +1,17 @@
 """Throughput of the ``seed`` and ``fast`` detectors, measured in the same run on synthetic 80x455 CAPTCHAs.
 
     python bench/bench_models.py [--threads 2] [--iters 5] [--batch 32] [--train-batch 8] [--precisions fp32,bf16]
+                                 [--archs seed,fast,shipped,shipped-reader]
 
 Prints images/s for inference (eval mode, ``torch.inference_mode``, batch ``--batch``) and training (forward,
 backward and an AdamW step at batch ``--train-batch``, 4-8 boxes per image) of each network in each precision
 (``core.precision``: fp32, or bf16 autocast of the heavy layers), and the ratios against the seed network in fp32,
 the baseline. Each figure is the median over ``--iters`` timed iterations after one warm-up; the seed network runs
 ``--seed-iters`` only. ``--device cuda`` measures on a GPU (synchronised before each clock reading).
+
+Besides the two architectures (freshly initialised, as ``build_model`` makes them), ``shipped`` is the shipped
+default checkpoint (trained, so it finds characters and runs its glyph reader and context head on them in eval) and
+``shipped-reader`` the same network training only its reader and context head (``--train-parts reader``).
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def bench_inference(model: torch.nn.Module, images: list[torch.Tensor], iters: i
 def bench_training(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict], iters: int,
                    precision: str = "fp32", device: torch.device = torch.device("cpu")) -> float:
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
         with autocast(precision, device):
@@ -89,6 +94,18 @@ def bench_training(model: torch.nn.Module, images: list[torch.Tensor], targets: 
         opt.step()
 
     return _median_rate(step, len(images), iters, device)
+
+
+def _model(arch: str) -> torch.nn.Module:
+    """A fresh ``seed`` / ``fast`` network, or the shipped checkpoint (``shipped``, ``shipped-reader``)."""
+    if arch not in ("shipped", "shipped-reader"):
+        return build_model(arch)
+    from core.checkpoint import default_checkpoint_path, load_checkpoint
+
+    model, _ = load_checkpoint(default_checkpoint_path())
+    if arch == "shipped-reader":
+        model.freeze_detector()
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = list(dict.fromkeys(resolve_precision(x, device) for x in args.precisions.split(",")))
     rows: dict[tuple[str, str], tuple[int, float, float]] = {}
     for arch in args.archs.split(","):
-        model = build_model(arch).to(device)
+        model = _model(arch).to(device)
         iters = args.seed_iters if arch == "seed" else args.iters
         params = sum(p.numel() for p in model.parameters())
         for precision in precisions:
@@ -124,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{HEIGHT}x{WIDTH} images on {device}, {args.threads} threads, inference batch {args.batch}, "
           f"training batch {args.train_batch}")
-    print(f"{'arch':<6} {'precision':<10} {'params':>12} {'infer img/s':>12} {'train img/s':>12}")
+    print(f"{'arch':<14} {'precision':<10} {'params':>12} {'infer img/s':>12} {'train img/s':>12}")
     for (arch, precision), (params, infer, train) in rows.items():
-        print(f"{arch:<6} {precision:<10} {params:>12,} {infer:>12.1f} {train:>12.1f}")
+        print(f"{arch:<14} {precision:<10} {params:>12,} {infer:>12.1f} {train:>12.1f}")
     base = rows.get(("seed", "fp32"))
     if base is not None:
         for (arch, precision), (_, infer, train) in rows.items():

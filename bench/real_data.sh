@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Train the fast detector on real CAPTCHAs whose only label is their file name, and measure it on a held-out split:
 #   split (1,000 held out, fixed seed, by file name) -> autolabel (colour, then the shipped synthetic detector on
-#   what colour missed) -> train from the shipped checkpoint -> eval --json on the held-out split.
-#   With EPOCHS2 > 0 a second round labels again with the first model and trains on from it.
+#   what colour missed) -> train the glyph reader (and context head) on the real characters, the shipped synthetic
+#   detector frozen -> eval --json on the held-out split.
+#   With EPOCHS1 > 0 the whole network first trains on the real images (round 1), the reader round follows from it;
+#   with EPOCHS2 > 0 a second whole-network round labels again with the first model and trains on from it.
 # Usage: bench/real_data.sh [DATA_DIR] [WORK_DIR]      (run from the repository root, the venv active)
-# Environment: EPOCHS1, EPOCHS2 (epochs of the two rounds; EPOCHS2=0, the default: one round), BATCH, LR1, LR2,
-# HOLDOUT, SEED, INIT (the weights round 1 starts from: the shipped synthetic checkpoint unless set; INIT=none starts
-# from random weights), AUGMENT (1, the default: train --augment; 0: without), EMA (train --ema-decay EMA, default
-# 0.998; 0: none). Training runs in bf16 where the CPU has it natively (train --precision auto).
+# Environment: READER_EPOCHS (epochs of the reader round, default 20; 0: none), READER_BATCH, READER_LR, EPOCHS1,
+# EPOCHS2 (epochs of the whole-network rounds, default 0), BATCH, LR1, LR2, HOLDOUT, SEED, INIT (the weights
+# everything starts from: the shipped synthetic checkpoint unless set; INIT=none starts round 1 from random weights),
+# AUGMENT (1, the default: train --augment; 0: without), EMA (train --ema-decay EMA, default 0.998; 0: none).
+# Training runs in bf16 where the CPU has it natively (train --precision auto).
 # Nothing is written outside WORK_DIR (default runs/real, git-ignored): the images are linked, never copied.
 set -euo pipefail
 
 DATA=${1:-/work/shared/data/cs4243-train}
 WORK=${2:-runs/real}
-EPOCHS1=${EPOCHS1:-20}
+EPOCHS1=${EPOCHS1:-0}
 EPOCHS2=${EPOCHS2:-0}
+READER_EPOCHS=${READER_EPOCHS:-20}
+READER_BATCH=${READER_BATCH:-32}
+READER_LR=${READER_LR:-2e-3}
 BATCH=${BATCH:-16}
 LR1=${LR1:-1e-3}
 LR2=${LR2:-5e-4}
@@ -24,6 +30,10 @@ CQ=${CQ:-captcha-queue}
 AUGMENT=${AUGMENT:-1}
 EMA=${EMA:-0.998}
 INIT=${INIT:-$(python -c "from core.checkpoint import default_checkpoint_path; print(default_checkpoint_path())")}
+
+if [ "$INIT" = none ] && [ "$EPOCHS1" -eq 0 ]; then
+    echo "INIT=none needs EPOCHS1 > 0 (a detector trained on the real images)" >&2; exit 2
+fi
 
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$WORK/times.log"; }
@@ -44,7 +54,7 @@ for part, chosen in (("val", names[:holdout]), ("train", names[holdout:])):
 print(f"{len(names) - holdout} training, {holdout} held-out images")
 EOF
 
-TRAIN_ARGS=(--batch-size "$BATCH" --seed "$SEED" --device cpu)
+TRAIN_ARGS=(--seed "$SEED" --device cpu)
 if [ "$AUGMENT" = 1 ]; then TRAIN_ARGS+=(--augment); fi
 if [ "$EMA" != 0 ]; then TRAIN_ARGS+=(--ema-decay "$EMA"); fi
 INIT_ARGS=(); LABEL_ARGS=()
@@ -53,19 +63,32 @@ if [ "$INIT" != none ]; then INIT_ARGS=(--init-from "$INIT"); LABEL_ARGS=(--chec
 stamp "autolabel by colour${LABEL_ARGS:+, then with $INIT}"
 $CQ autolabel "$WORK/train" --out "$WORK/labels1" --render-dir "$WORK/render" --render 12 "${LABEL_ARGS[@]}"
 
-stamp "train round 1 ($EPOCHS1 epochs)"
-$CQ train --images "$WORK/train" --labels "$WORK/labels1" --out "$WORK/round1/fast.safetensors" \
-    "${INIT_ARGS[@]}" --epochs "$EPOCHS1" --lr "$LR1" "${TRAIN_ARGS[@]}"
-
-FINAL="$WORK/round1/fast.safetensors"
-if [ "$EPOCHS2" -gt 0 ]; then
+FINAL="$INIT"
+LABELS="$WORK/labels1"
+if [ "$EPOCHS1" -gt 0 ]; then
+    stamp "train round 1 ($EPOCHS1 epochs)"
+    $CQ train --images "$WORK/train" --labels "$WORK/labels1" --out "$WORK/round1/fast.safetensors" \
+        "${INIT_ARGS[@]}" --epochs "$EPOCHS1" --lr "$LR1" --batch-size "$BATCH" "${TRAIN_ARGS[@]}"
+    FINAL="$WORK/round1/fast.safetensors"
+fi
+if [ "$EPOCHS1" -gt 0 ] && [ "$EPOCHS2" -gt 0 ]; then
     stamp "autolabel with the round-1 detector"
     $CQ autolabel "$WORK/train" --out "$WORK/labels2" --checkpoint "$WORK/round1/fast.safetensors"
 
     stamp "train round 2 ($EPOCHS2 epochs from round 1)"
     $CQ train --images "$WORK/train" --labels "$WORK/labels2" --out "$WORK/round2/fast.safetensors" \
-        --init-from "$WORK/round1/fast.safetensors" --epochs "$EPOCHS2" --lr "$LR2" "${TRAIN_ARGS[@]}"
+        --init-from "$WORK/round1/fast.safetensors" --epochs "$EPOCHS2" --lr "$LR2" --batch-size "$BATCH" "${TRAIN_ARGS[@]}"
     FINAL="$WORK/round2/fast.safetensors"
+    LABELS="$WORK/labels2"
+fi
+
+if [ "$READER_EPOCHS" -gt 0 ]; then
+    # the network from above (a glyph reader is added where it has none); only the reader and context head learn
+    stamp "train the glyph reader ($READER_EPOCHS epochs from $FINAL, detector frozen)"
+    $CQ train --images "$WORK/train" --labels "$LABELS" --out "$WORK/reader/fast.safetensors" \
+        --init-from "$FINAL" --model-config '{"reader_width": 128}' --train-parts reader \
+        --epochs "$READER_EPOCHS" --lr "$READER_LR" --batch-size "$READER_BATCH" "${TRAIN_ARGS[@]}"
+    FINAL="$WORK/reader/fast.safetensors"
 fi
 
 stamp "eval $FINAL on the held-out split"
