@@ -49,7 +49,7 @@ from core.models.layers import BasicBlock, ConvBN
 from core.models.matching import IGNORE, match, pad_targets, sample
 from core.models.roi_align import roi_align
 from core.models.reader import GlyphReader
-from core.models.transform import IMAGENET_MEAN, IMAGENET_STD, ImageBatch, ImageTransform
+from core.models.transform import ImageBatch, ImageTransform
 
 
 class Backbone(nn.Module):
@@ -209,10 +209,10 @@ class FastRCNN(nn.Module):
         }
         if context_layers:  # older checkpoints, written before the context head existed, have none of these keys
             self.config.update(context_layers=context_layers, context_width=context_width,
-                               context_heads=context_heads, context_jitter=context_jitter)
+                               context_heads=context_heads)
         if reader_width:  # likewise for the glyph reader
             self.config.update(reader_width=reader_width, reader_crop=reader_crop, reader_margin=reader_margin)
-        if context_layers or reader_width:
+        if context_layers or reader_width:  # both train on jittered ground-truth boxes
             self.config["context_jitter"] = context_jitter
         self.num_classes = num_classes
         self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
@@ -220,8 +220,7 @@ class FastRCNN(nn.Module):
         self.anchors = AnchorGrid(anchor_shapes(anchor_sizes, aspect_ratios), self.stride)
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
         self.box_head = BoxHead(feature_width * roi_size * roi_size, head_width, num_classes)
-        self.reader = (GlyphReader(reader_width, reader_crop, reader_margin, num_classes, IMAGENET_MEAN, IMAGENET_STD)
-                       if reader_width else None)
+        self.reader = GlyphReader(reader_width, reader_crop, reader_margin, num_classes) if reader_width else None
         self.context = (ContextHead(reader_width or head_width, context_width, context_layers, context_heads,
                                     num_classes) if context_layers else None)
         self.detector_frozen = False  # set by freeze_detector(): training then fits only the reader and context head

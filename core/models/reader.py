@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from core.models.layers import ConvBN
 from core.models.roi_align import roi_align
+from core.models.transform import IMAGENET_MEAN, IMAGENET_STD
 
 
 class GlyphReader(nn.Module):
@@ -37,7 +38,7 @@ class GlyphReader(nn.Module):
     """
 
     def __init__(self, width: int = 128, crop: int = 24, margin: float = 0.15, num_classes: int = 36,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
         if crop % 8:
             raise ValueError(f"reader crop must be a multiple of 8, got {crop}")
