@@ -12,7 +12,7 @@ bounding box of its own painted pixels (its alpha mask after every transform), s
 
 Everything random comes from the ``random.Random`` passed in (``generate`` seeds one per image from
 ``(seed, index)``), so the same seed gives byte-identical files whatever the number of workers (with the same Pillow
-and FreeType). PIL and numpy only.
+and FreeType). PIL, numpy and scipy only.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from scipy import ndimage
 
 from core.charset import CHARS, encode
 from core.formats import write_yolo_labels
@@ -37,6 +38,7 @@ HEIGHT = 80
 MIN_WIDTH, MAX_WIDTH = 150, 780
 MIN_LENGTH, MAX_LENGTH = 4, 8
 _ALPHA_FLOOR = 40  # mask values below this are dropped, so every painted pixel lies inside its glyph's box
+_DOTTED = "ij"  # lower-case glyphs told from others (i from l, j from a hook) by a dot that must stay apart
 
 # (font file in matplotlib's mpl-data/fonts/ttf, sampling weight); the real family is mostly sans.
 FONTS: tuple[tuple[str, float], ...] = (
@@ -170,20 +172,80 @@ def _warp(img: Image.Image, amount: float, cell: float, rng: random.Random) -> I
     return img.transform((w, h), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR)
 
 
+@lru_cache(maxsize=64)
+def _stem_ratio(name: str) -> float:
+    """Width of the font's vertical stem (the middle of an ``l``) per pixel of font size."""
+    font = _font(name, 100)
+    x1, y1, x2, y2 = font.getbbox("l")
+    img = Image.new("L", (x2 - x1 + 4, y2 - y1 + 4), 0)
+    ImageDraw.Draw(img).text((2 - x1, 2 - y1), "l", font=font, fill=255)
+    row = np.asarray(img)[img.height // 2]
+    return float((row >= 128).sum()) / 100.0
+
+
+def _thin(ch: str, font: str, size: int, canvas: tuple[int, int], origin: tuple[int, int]) -> Image.Image:
+    """``ch`` drawn with thinner strokes, unbroken: eroded at 4x resolution, then averaged down to ``canvas``.
+
+    The stem loses up to half its width; where that would cut a hairline or a thin junction (the glyph falls into
+    more pieces than it has), less is taken, down to nothing. Eroding at the glyph's own size would cut every stroke
+    of 2 px or less.
+    """
+    big = Image.new("L", (4 * canvas[0], 4 * canvas[1]), 0)
+    ImageDraw.Draw(big).text((4 * origin[0], 4 * origin[1]), ch, font=_font(font, 4 * size), fill=255)
+    plain = big.resize(canvas, Image.Resampling.BOX)
+    pieces = _parts(np.asarray(plain) >= _ALPHA_FLOOR)
+    stem = 4 * size * _stem_ratio(font)  # px at 4x
+    for erode in sorted({max(1, round(stem * f)) for f in (0.25, 0.18, 0.12, 0.06)}, reverse=True):
+        thin = big.filter(ImageFilter.MinFilter(2 * erode + 1)).resize(canvas, Image.Resampling.BOX)
+        thin = thin.point(lambda v: min(255, 2 * v))  # averaging thinned strokes fades them: restore their ink
+        if _parts(np.asarray(thin) >= _ALPHA_FLOOR) == pieces:
+            return thin
+    return plain
+
+
+def _parts(mask: np.ndarray) -> int:
+    """Number of separate (8-connected) pieces of a glyph mask."""
+    return int(ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))[1])
+
+
 def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
     """uint8 alpha mask of one glyph, tightly cropped: stroked, scaled, slanted, distorted and rotated.
 
-    Values below ``_ALPHA_FLOOR`` are zeroed, so the crop is exactly the glyph's painted pixels.
+    Values below ``_ALPHA_FLOOR`` are zeroed, so the crop is exactly the glyph's painted pixels. No effect may change
+    what the glyph reads as: a thin glyph that fell into more pieces than the solid one is drawn solid, and an ``i``
+    or ``j`` whose dot a bold stroke or a distortion joined to the stem (it would read as an ``l`` or a hook) is drawn
+    again, plainer, until the dot stands apart.
     """
-    font = _font(style.font, max(8, round(style.size * rng.uniform(0.92, 1.08))))
+    state = rng.getstate()
+    mask = _draw_glyph(ch, style, rng)
+    if style.stroke == "thin":  # scaling or rotation may still have cut a hairline: then the glyph stays solid
+        twin = random.Random()
+        twin.setstate(state)  # the same size, scale and angle
+        solid = _draw_glyph(ch, replace(style, stroke="solid"), twin)
+        if _parts(mask) != _parts(solid):
+            mask = solid
+    if ch in _DOTTED:
+        plain = replace(style, stroke="solid", warp=0.0, rough=0.0)
+        for fallback in (replace(style, stroke="solid"), plain, plain, plain):
+            if _parts(mask) >= 2:
+                break
+            mask = _draw_glyph(ch, fallback, rng)
+    return mask
+
+
+def _draw_glyph(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
+    """One attempt at :func:`_glyph_mask`."""
+    size = max(8, round(style.size * rng.uniform(0.92, 1.08)))
+    font = _font(style.font, size)
     width = max(1, round(style.size / 14)) if style.stroke in ("bold", "outline") else 0
     x1, y1, x2, y2 = font.getbbox(ch, stroke_width=width)
     pad = 2 + width + math.ceil(style.warp + style.rough)
     img = Image.new("L", (x2 - x1 + 2 * pad, y2 - y1 + 2 * pad), 0)
     fill = 0 if style.stroke == "outline" else 255
-    ImageDraw.Draw(img).text((pad - x1, pad - y1), ch, font=font, fill=fill, stroke_width=width, stroke_fill=255)
     if style.stroke == "thin":
-        img = img.filter(ImageFilter.MinFilter(3))
+        img = _thin(ch, style.font, size, img.size, (pad - x1, pad - y1))
+    else:
+        ImageDraw.Draw(img).text((pad - x1, pad - y1), ch, font=font, fill=fill, stroke_width=width, stroke_fill=255)
     if style.stroke == "hatch":
         arr = np.asarray(img, dtype=np.float32) * _hatch((img.height, img.width), rng)
         img = Image.fromarray(arr.astype(np.uint8))
@@ -200,7 +262,7 @@ def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
     mask[mask < _ALPHA_FLOOR] = 0
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     if rows.size == 0:  # a stroke effect erased the glyph: fall back to the plain shape
-        return _glyph_mask(ch, replace(style, stroke="solid"), rng)
+        return _draw_glyph(ch, replace(style, stroke="solid"), rng)
     mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     if mask.shape[0] > HEIGHT - 4:  # a tall glyph turned upright: shrink to fit the 80 px height
         f = (HEIGHT - 4) / mask.shape[0]
@@ -210,11 +272,11 @@ def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:
     return mask
 
 
-def _colour(rng: random.Random) -> np.ndarray:
-    """A flat glyph colour anywhere from pale to dark, never (almost) white."""
+def _colour(rng: random.Random, lightest: float = 238.0) -> np.ndarray:
+    """A flat glyph colour anywhere from pale to dark: its luminance stays below ``lightest`` (white is 255)."""
     while True:
         rgb = [rng.randrange(256) for _ in range(3)]
-        if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 238:
+        if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < lightest:
             return np.array(rgb, dtype=np.float32)
 
 
@@ -291,7 +353,7 @@ def render_captcha(text: str, rng: random.Random) -> tuple[Image.Image, list[tup
         alpha = mask.astype(np.float32)[..., None] / 255.0
         region = canvas[top : top + h, left : left + w]
         region *= 1.0 - alpha
-        region += alpha * _colour(rng)
+        region += alpha * _colour(rng, 190.0 if style.stroke == "thin" else 238.0)  # thin strokes show less ink
         boxes.append((float(left), float(top), float(left + w), float(top + h)))
     img = Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")
     _draw_lines(img, rng)

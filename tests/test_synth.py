@@ -101,3 +101,41 @@ def test_generated_folder_loads_as_dataset(tmp_path: Path) -> None:
     assert item["image"].shape[1] == HEIGHT and item["image"].shape[2] == ds.widths[0]
     assert item["boxes"].shape == (len(item["text"]), 4)
     assert bool((item["boxes"][:, 2] > item["boxes"][:, 0]).all())
+
+
+@pytest.mark.parametrize("stroke", ["solid", "bold", "outline", "thin", "hatch"])
+def test_dotted_glyphs_keep_their_dot(stroke: str) -> None:
+    """A bold stroke or a distortion that joins an i's dot to its stem draws an l: the generator must not."""
+    from dataclasses import replace
+
+    from core.synth import FONTS, _glyph_mask, _parts, _sample_style
+
+    for seed, (font, _) in enumerate(FONTS * 2):
+        rng = random.Random(seed)
+        style = replace(_sample_style(rng), font=font, stroke=stroke, size=48 if seed % 2 else 22, rotation="upright")
+        for ch in "ij":
+            mask = _glyph_mask(ch, style, rng)
+            # hatching may cut a stem into several strokes; never may the dot merge into it
+            parts = _parts(mask)
+            assert parts >= 2, f"{ch!r} in {font}, {stroke}, size {style.size}: dot joined or erased"
+
+
+@pytest.mark.parametrize("font", ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "cmr10.ttf", "STIXGeneral.ttf"])
+def test_thin_strokes_are_thinner_but_whole(font: str) -> None:
+    """Thin glyphs lose ink, not pieces: a stroke cut in two would draw another character (or none)."""
+    from dataclasses import replace
+
+    from core.charset import CHARS
+    from core.synth import _glyph_mask, _parts, _sample_style
+
+    base = replace(_sample_style(random.Random(0)), font=font, size=36, rotation="upright", warp=0.0, rough=0.0,
+                   shear=0.0, x_scale=1.0)
+    broken, ink = [], []
+    for ch in CHARS:
+        solid = _glyph_mask(ch, replace(base, stroke="solid"), random.Random(1))
+        thin = _glyph_mask(ch, replace(base, stroke="thin"), random.Random(1))
+        if _parts(thin) != _parts(solid):
+            broken.append(ch)
+        ink.append((thin > 0).sum() / (solid > 0).sum())
+    assert not broken, f"thin strokes broke {broken} in {font}"
+    assert np.mean(ink) < 0.92 and min(ink) < 0.8, f"thin glyphs in {font} are not thinner: {np.mean(ink):.2f}"
