@@ -103,7 +103,7 @@ class RetrainRequest:
             or not 0 < request.ema_decay < 1
         ):
             raise RetrainError("'ema_decay' must be a number between 0 and 1")
-        if request.train_parts not in ("all", "reader"):
+        if request.train_parts not in ("all", "reader"):  # core.train.TRAIN_PARTS, without importing torch here
             raise RetrainError("'train_parts' must be 'all' or 'reader'")
         return request
 

@@ -31,6 +31,9 @@ from core.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
+# what a run trains: "all" the network, or only the glyph "reader" and context head over a frozen detector
+TRAIN_PARTS = ("all", "reader")
+
 
 @dataclass
 class TrainConfig:
@@ -254,10 +257,8 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dic
         if cfg.model_config:  # the checkpoint's network with these settings changed or parts added
             config = {**meta["model_config"], **cfg.model_config}
             grown = build_model(**config).to(device)
-            state = model.state_dict()
-            if config.get("reader_width") != meta["model_config"].get("reader_width"):
-                # a context head reads the glyph reader's vectors where there is one: it cannot carry over
-                state = {k: v for k, v in state.items() if not k.startswith("context.")}
+            stale = getattr(type(grown), "stale_prefixes", lambda old, new: ())(meta["model_config"], config)
+            state = {k: v for k, v in model.state_dict().items() if not k.startswith(stale)}
             fresh = transfer_weights(grown, state)
             if fresh:
                 log.info("init_from %s: %d tensors start fresh (%s ...)", cfg.init_from, len(fresh), fresh[0])
@@ -299,8 +300,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         train_set = Augmented(train_set, augment, _extents(train_set))
 
     model, origin = _build(cfg, device)
-    if cfg.train_parts not in ("all", "reader"):
-        raise ValueError(f"train_parts must be 'all' or 'reader', got {cfg.train_parts!r}")
+    if cfg.train_parts not in TRAIN_PARTS:
+        raise ValueError(f"train_parts must be one of {', '.join(TRAIN_PARTS)}, got {cfg.train_parts!r}")
     if cfg.train_parts == "reader":
         if not hasattr(model, "freeze_detector"):
             raise ValueError(f"train_parts 'reader' needs the fast architecture, not {cfg.arch!r}")

@@ -34,7 +34,8 @@ class's probability times the box's foreground probability.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -258,6 +259,18 @@ class FastRCNN(nn.Module):
             return select_detections(log_probs, batch.to_original(boxes, image), image, **options)
         boxes = clip_boxes(boxes, batch.sizes[image, 0], batch.sizes[image, 1])  # the reread works in batch pixels
         return self._reread(features, batch, select_detections(log_probs, boxes, image, **options))
+
+    @staticmethod
+    def stale_prefixes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, ...]:
+        """Prefixes of the weights that cannot carry over from a network built with settings ``old`` into one built
+        with ``new`` (``build_model`` keyword arguments, as stored in a checkpoint's ``model_config``).
+
+        The context head reads the glyph reader's vectors where there is a reader and the box head's where there is
+        none, so it starts fresh whenever the reader is added, removed or resized.
+        """
+        if old.get("reader_width", 0) != new.get("reader_width", 0):
+            return ("context.",)
+        return ()
 
     def freeze_detector(self) -> None:
         """Train only the glyph reader and the context head: every other weight stops taking gradients, and
