@@ -3,7 +3,7 @@
 # synthetic training, validation and test sets (fixed seeds), training of the `fast` network, evaluation on the
 # fresh test set, then the copy into the package. Rerun it whenever the network or the generator changes.
 #
-#   bash bench/train_default.sh   # everything (about two hours on 2 free CPU cores); an interrupted run continues
+#   bash bench/train_default.sh   # everything (about four hours on 2 free CPU cores); an interrupted run continues
 #                                 # with the phase where it stopped when started again
 #
 # Variables: WORK (scratch folder), DEVICE (auto | cpu | cuda), WORKERS (DataLoader processes), INSTALL=0 to
@@ -30,6 +30,8 @@ MODEL2='{"context_layers": 2}'
 # detector frozen (--train-parts reader): EPOCHS3 epochs of EPOCH_SIZE3 images, batches of BATCH3
 EPOCHS3=14; EPOCH_SIZE3=12000; BATCH3=32; LR3=3e-3; SEED3=2; EMA3=0.998
 MODEL3='{"reader_width": 128}'
+# phase 4 continues phase 3 (reader and context head only) on a second cosine schedule at half the rate
+EPOCHS4=10; LR4=1.5e-3; SEED4=3
 
 mkdir -p "$WORK"
 [ -d "$WORK/train" ] || $CQ synth "$WORK/train" --count $TRAIN_COUNT --seed $TRAIN_SEED --quiet
@@ -56,8 +58,15 @@ fi
 DATA3=(--images "$WORK/train/images" --labels "$WORK/train/labels"
        --val-images "$WORK/val/images" --val-labels "$WORK/val/labels"
        --arch fast --epoch-size $EPOCH_SIZE3 --batch-size $BATCH3 --device "$DEVICE" --workers "$WORKERS")
-$CQ train "${DATA3[@]}" --epochs $EPOCHS3 --lr $LR3 --seed $SEED3 --init-from "$WORK/phase2.safetensors" \
-  --ema-decay $EMA3 --model-config "$MODEL3" --train-parts reader --out "$WORK/fast.safetensors" \
+if [ ! -f "$WORK/phase3.done" ]; then
+  $CQ train "${DATA3[@]}" --epochs $EPOCHS3 --lr $LR3 --seed $SEED3 --init-from "$WORK/phase2.safetensors" \
+    --ema-decay $EMA3 --model-config "$MODEL3" --train-parts reader --out "$WORK/phase3.safetensors" \
+    $( [ -f "$WORK/phase3.state.json" ] && echo --resume )
+  touch "$WORK/phase3.done"
+fi
+
+$CQ train "${DATA3[@]}" --epochs $EPOCHS4 --lr $LR4 --seed $SEED4 --init-from "$WORK/phase3.safetensors" \
+  --ema-decay $EMA3 --train-parts reader --out "$WORK/fast.safetensors" \
   $( [ -f "$WORK/fast.state.json" ] && echo --resume )
 
 $CQ eval --images "$WORK/test/images" --checkpoint "$WORK/fast.safetensors" --device "$DEVICE" --json \
