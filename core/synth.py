@@ -183,6 +183,11 @@ def _stem_ratio(name: str) -> float:
     return float((row >= 128).sum()) / 100.0
 
 
+def _parts(mask: np.ndarray) -> int:
+    """Number of separate (8-connected) pieces of a glyph mask."""
+    return int(ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))[1])
+
+
 _DOUBLE = [min(255, 2 * v) for v in range(256)]  # lookup table: twice the ink, saturating
 
 
@@ -206,11 +211,6 @@ def _thin(ch: str, font: str, size: int, canvas: tuple[int, int], origin: tuple[
         if _parts(np.asarray(thin) >= _ALPHA_FLOOR) == pieces:
             return thin
     return plain
-
-
-def _parts(mask: np.ndarray) -> int:
-    """Number of separate (8-connected) pieces of a glyph mask."""
-    return int(ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))[1])
 
 
 def _glyph_mask(ch: str, style: _Style, rng: random.Random) -> np.ndarray:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from core.charset import CHARS
 from core.formats import read_yolo_labels, text_from_filename
-from core.synth import HEIGHT, MAX_WIDTH, MIN_WIDTH, generate, render_captcha
+from core.synth import (FONTS, HEIGHT, MAX_WIDTH, MIN_WIDTH, _glyph_mask, _parts, _sample_style, generate,
+                        render_captcha)
 
 TEXTS = ["ab12", "zz9q0", "w8m3kx", "0000000", "mwmwmwmw", "il1jt7", "qg8x"]
 
@@ -106,10 +109,6 @@ def test_generated_folder_loads_as_dataset(tmp_path: Path) -> None:
 @pytest.mark.parametrize("stroke", ["solid", "bold", "outline", "thin", "hatch"])
 def test_dotted_glyphs_keep_their_dot(stroke: str) -> None:
     """A bold stroke or a distortion that joins an i's dot to its stem draws an l: the generator must not."""
-    from dataclasses import replace
-
-    from core.synth import FONTS, _glyph_mask, _parts, _sample_style
-
     for seed, (font, _) in enumerate(FONTS * 2):
         rng = random.Random(seed)
         style = replace(_sample_style(rng), font=font, stroke=stroke, size=48 if seed % 2 else 22, rotation="upright")
@@ -123,11 +122,6 @@ def test_dotted_glyphs_keep_their_dot(stroke: str) -> None:
 @pytest.mark.parametrize("font", ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "cmr10.ttf", "STIXGeneral.ttf"])
 def test_thin_strokes_are_thinner_but_whole(font: str) -> None:
     """Thin glyphs lose ink, not pieces: a stroke cut in two would draw another character (or none)."""
-    from dataclasses import replace
-
-    from core.charset import CHARS
-    from core.synth import _glyph_mask, _parts, _sample_style
-
     base = replace(_sample_style(random.Random(0)), font=font, size=36, rotation="upright", warp=0.0, rough=0.0,
                    shear=0.0, x_scale=1.0)
     broken, ink = [], []
