@@ -9,7 +9,11 @@
 # Environment: READER_EPOCHS (epochs of the reader round, default 20; 0: none), READER_BATCH, READER_LR, EPOCHS1,
 # EPOCHS2 (epochs of the whole-network rounds, default 0), BATCH, LR1, LR2, HOLDOUT, SEED, INIT (the weights
 # everything starts from: the shipped synthetic checkpoint unless set; INIT=none starts round 1 from random weights),
-# AUGMENT (1, the default: train --augment; 0: without), EMA (train --ema-decay EMA, default 0.998; 0: none).
+# AUGMENT (1, the default: train --augment; 0: without), EMA (train --ema-decay EMA, default 0.998; 0: none),
+# SYNTH (synthetic images mixed into the reader round, default 0; SYNTH_SEED, default 5; an epoch stays as many
+# samples as there are real training images, drawn from both), READER_CONFIG (train --model-config of the reader
+# round, default '{"reader_width": 128, "reader_crop": 32}': the reader reads 32 x 32 crops instead of the shipped
+# 24 x 24; '{"reader_width": 128}' keeps them).
 # Training runs in bf16 where the CPU has it natively (train --precision auto).
 # Nothing is written outside WORK_DIR (default runs/real, git-ignored): the images are linked, never copied.
 set -euo pipefail
@@ -29,6 +33,9 @@ SEED=${SEED:-0}
 CQ=${CQ:-captcha-queue}
 AUGMENT=${AUGMENT:-1}
 EMA=${EMA:-0.998}
+SYNTH=${SYNTH:-0}
+READER_CONFIG=${READER_CONFIG:-'{"reader_width": 128, "reader_crop": 32}'}
+SYNTH_SEED=${SYNTH_SEED:-5}
 INIT=${INIT:-$(python -c "from core.checkpoint import default_checkpoint_path; print(default_checkpoint_path())")}
 
 if [ "$INIT" = none ] && [ "$EPOCHS1" -eq 0 ]; then
@@ -82,11 +89,45 @@ if [ "$EPOCHS1" -gt 0 ] && [ "$EPOCHS2" -gt 0 ]; then
     LABELS="$WORK/labels2"
 fi
 
+READER_DATA=(--images "$WORK/train" --labels "$LABELS")
+if [ "$READER_EPOCHS" -gt 0 ] && [ "$SYNTH" -gt 0 ]; then
+    stamp "synthesise $SYNTH images (seed $SYNTH_SEED) to mix with the labelled real ones"
+    $CQ synth "$WORK/synth" --count "$SYNTH" --seed "$SYNTH_SEED" --quiet
+    # validation stays real: the images train would hold out of the real set by itself (same seed, same share);
+    # synthetic images are linked as <text>-s<n>, so that no name can meet a real one
+    REAL=$(python - "$WORK" "$LABELS" "$SEED" <<'PY'
+import os, sys
+from core.formats import LabelledFolder
+from core.train import TrainConfig, _split
+work, labels, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real = LabelledFolder(f"{work}/train", labels)
+train, val = _split(real, TrainConfig(images=f"{work}/train", labels=labels, out="", seed=seed))
+for part, subset in (("mix", train), ("mixval", val)):
+    for sub in ("images", "labels"):
+        os.makedirs(f"{work}/{part}/{sub}")
+    for i in subset.indices:
+        image = real[i]["path"]
+        name = os.path.basename(image)
+        stem = name.rsplit(".", 1)[0]
+        os.symlink(os.path.realpath(image), f"{work}/{part}/images/{name}")
+        os.symlink(os.path.realpath(f"{labels}/{stem}.txt"), f"{work}/{part}/labels/{stem}.txt")
+for name in sorted(os.listdir(f"{work}/synth/images")):
+    stem = name.rsplit(".", 1)[0]
+    text, n = stem.split("-", 1)
+    os.symlink(os.path.realpath(f"{work}/synth/images/{name}"), f"{work}/mix/images/{text}-s{n}.png")
+    os.symlink(os.path.realpath(f"{work}/synth/labels/{stem}.txt"), f"{work}/mix/labels/{text}-s{n}.txt")
+print(len(train.indices))
+PY
+)
+    stamp "mixed $REAL real and $SYNTH synthetic training images; epochs of $REAL samples"
+    READER_DATA=(--images "$WORK/mix/images" --labels "$WORK/mix/labels" --val-images "$WORK/mixval/images"
+                 --val-labels "$WORK/mixval/labels" --epoch-size "$REAL")
+fi
 if [ "$READER_EPOCHS" -gt 0 ]; then
     # the network from above (a glyph reader is added where it has none); only the reader and context head learn
     stamp "train the glyph reader ($READER_EPOCHS epochs from $FINAL, detector frozen)"
-    $CQ train --images "$WORK/train" --labels "$LABELS" --out "$WORK/reader/fast.safetensors" \
-        --init-from "$FINAL" --model-config '{"reader_width": 128}' --train-parts reader \
+    $CQ train "${READER_DATA[@]}" --out "$WORK/reader/fast.safetensors" \
+        --init-from "$FINAL" --model-config "$READER_CONFIG" --train-parts reader \
         --epochs "$READER_EPOCHS" --lr "$READER_LR" --batch-size "$READER_BATCH" "${TRAIN_ARGS[@]}"
     FINAL="$WORK/reader/fast.safetensors"
 fi
