@@ -98,19 +98,17 @@ if [ "$READER_EPOCHS" -gt 0 ] && [ "$SYNTH" -gt 0 ]; then
     REAL=$(python - "$WORK" "$LABELS" "$SEED" <<'PY'
 import os, sys
 from core.formats import LabelledFolder
-from core.train import TrainConfig, _split
+from core.train import TrainConfig, hold_out
 work, labels, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 real = LabelledFolder(f"{work}/train", labels)
-train, val = _split(real, TrainConfig(images=f"{work}/train", labels=labels, out="", seed=seed))
+train, val = hold_out(real, TrainConfig(images=f"{work}/train", labels=labels, out="", seed=seed))
 for part, subset in (("mix", train), ("mixval", val)):
     for sub in ("images", "labels"):
         os.makedirs(f"{work}/{part}/{sub}")
     for i in subset.indices:
-        image = real[i]["path"]
-        name = os.path.basename(image)
-        stem = name.rsplit(".", 1)[0]
-        os.symlink(os.path.realpath(image), f"{work}/{part}/images/{name}")
-        os.symlink(os.path.realpath(f"{labels}/{stem}.txt"), f"{work}/{part}/labels/{stem}.txt")
+        image = real.paths[i]
+        os.symlink(image.resolve(), f"{work}/{part}/images/{image.name}")
+        os.symlink(os.path.realpath(f"{labels}/{image.stem}.txt"), f"{work}/{part}/labels/{image.stem}.txt")
 for name in sorted(os.listdir(f"{work}/synth/images")):
     stem = name.rsplit(".", 1)[0]
     text, n = stem.split("-", 1)

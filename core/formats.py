@@ -192,6 +192,11 @@ class _LabelledFolder:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def paths(self) -> list[Path]:
+        """The image file of each sample, in index order (without decoding any)."""
+        return [item[0] for item in self._items]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """``{"image": Tensor[3,H,W] 0..1, "boxes": Tensor[N,4] x1y1x2y2 px, "labels": Tensor[N] int64, "text",
         "path"}``.

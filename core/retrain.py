@@ -206,11 +206,11 @@ def _baseline(session: Session, val_set: Any, request: RetrainRequest) -> dict[s
 def _validation_set(cfg: Any) -> Any:
     """The validation images ``train_model`` used for ``cfg`` (the same seeded hold-out when none were given)."""
     from core.formats import LabelledFolder
-    from core.train import _split
+    from core.train import hold_out
 
     if cfg.val_images is not None:
         return LabelledFolder(cfg.val_images, cfg.val_labels)
-    return _split(LabelledFolder(cfg.images, cfg.labels), cfg)[1]
+    return hold_out(LabelledFolder(cfg.images, cfg.labels), cfg)[1]
 
 
 def should_promote(new_accuracy: float, baseline: dict[str, Any], force: bool) -> tuple[bool, str]:

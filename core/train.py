@@ -202,7 +202,7 @@ def _extents(dataset: Dataset) -> list[tuple[int, int, float, float]] | None:
     return getattr(dataset, "extents", None)
 
 
-def _split(dataset: Dataset, cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+def hold_out(dataset: Dataset, cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """Hold out ``val_fraction`` (at least 1, at most ``val_max``) with a seeded permutation."""
     n = len(dataset)  # type: ignore[arg-type]
     n_val = min(cfg.val_max, max(1, round(n * cfg.val_fraction))) if n >= 2 else 0
@@ -291,7 +291,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         val_set: Dataset = LabelledFolder(cfg.val_images, cfg.val_labels)
         val_source = str(cfg.val_images)
     else:
-        train_set, val_set = _split(train_set, cfg)
+        train_set, val_set = hold_out(train_set, cfg)
         val_source = f"held out from {cfg.images}"
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError(f"no usable training samples in {cfg.images} (skipped: {skipped or 'none'})")
