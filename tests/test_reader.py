@@ -77,3 +77,25 @@ def test_the_reader_learns_to_name_the_glyphs_of_its_training_images() -> None:
         logits = model.reader.predict(model.reader.embed(model.reader.crops(batch.tensors, torch.cat(scaled), image)))
     truth = torch.cat([t["labels"] for t in targets])
     assert torch.equal(logits.argmax(dim=1), truth)
+
+
+def test_reader_channels_set_its_cnn_and_a_new_reader_starts_fresh_with_its_context_head() -> None:
+    from core.models.fast import FastRCNN
+
+    narrow = build_model("fast", **READER)
+    wide = build_model("fast", **READER, reader_channels=[8, 16, 24, 40])
+    assert wide.config["reader_channels"] == [8, 16, 24, 40]
+    assert wide.reader.fc.in_features == 40 * 4
+    count = lambda m: sum(p.numel() for p in m.reader.parameters())  # noqa: E731
+    assert count(wide) != count(narrow)
+    images, _, _ = captchas(2, seed=5, max_width=300)
+    assert len(wide.eval()(images)) == 2
+    # a checkpoint's reader carries over only to a reader of the same width and channels; the crop changes no weight
+    stale = FastRCNN.stale_prefixes
+    assert stale(narrow.config, wide.config) == ("reader.", "context.")
+    assert stale(narrow.config, {**narrow.config, "reader_crop": 32}) == ()
+    old = {k: v for k, v in narrow.config.items() if k != "reader_channels"}  # written before the setting existed
+    assert stale(old, {**old, "reader_crop": 32}) == ()
+    assert stale(build_model("fast", **TINY, context_layers=1).config, narrow.config) == ("context.",)
+    with pytest.raises(ValueError, match="4 entries"):
+        GlyphReader(channels=(8, 16, 24))

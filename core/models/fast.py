@@ -49,6 +49,7 @@ from core.models.decode import rank_in_group, select_detections
 from core.models.layers import BasicBlock, ConvBN
 from core.models.matching import IGNORE, match, pad_targets, sample
 from core.models.roi_align import roi_align
+from core.models.reader import DEFAULT_CHANNELS as DEFAULT_READER_CHANNELS
 from core.models.reader import GlyphReader
 from core.models.transform import ImageBatch, ImageTransform
 
@@ -172,6 +173,7 @@ class FastRCNN(nn.Module):
         reader_width: int = 0,
         reader_crop: int = 24,
         reader_margin: float = 0.15,
+        reader_channels: Sequence[int] = DEFAULT_READER_CHANNELS,
     ) -> None:
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
@@ -212,7 +214,8 @@ class FastRCNN(nn.Module):
             self.config.update(context_layers=context_layers, context_width=context_width,
                                context_heads=context_heads)
         if reader_width:  # likewise for the glyph reader
-            self.config.update(reader_width=reader_width, reader_crop=reader_crop, reader_margin=reader_margin)
+            self.config.update(reader_width=reader_width, reader_crop=reader_crop, reader_margin=reader_margin,
+                               reader_channels=list(reader_channels))
         if context_layers or reader_width:  # both train on jittered ground-truth boxes
             self.config["context_jitter"] = context_jitter
         self.num_classes = num_classes
@@ -221,7 +224,8 @@ class FastRCNN(nn.Module):
         self.anchors = AnchorGrid(anchor_shapes(anchor_sizes, aspect_ratios), self.stride)
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
         self.box_head = BoxHead(feature_width * roi_size * roi_size, head_width, num_classes)
-        self.reader = GlyphReader(reader_width, reader_crop, reader_margin, num_classes) if reader_width else None
+        self.reader = (GlyphReader(reader_width, reader_crop, reader_margin, num_classes, channels=reader_channels)
+                       if reader_width else None)
         self.context = (ContextHead(reader_width or head_width, context_width, context_layers, context_heads,
                                     num_classes) if context_layers else None)
         self.detector_frozen = False  # set by freeze_detector(): training then fits only the reader and context head
@@ -266,11 +270,15 @@ class FastRCNN(nn.Module):
         with ``new`` (``build_model`` keyword arguments, as stored in a checkpoint's ``model_config``).
 
         The context head reads the glyph reader's vectors where there is a reader and the box head's where there is
-        none, so it starts fresh whenever the reader is added, removed or resized.
+        none, so it starts fresh whenever the reader is added, removed or resized; a reader of another width or other
+        channels starts fresh too (its crop size and margin change no weight).
         """
-        if old.get("reader_width", 0) != new.get("reader_width", 0):
-            return ("context.",)
-        return ()
+        def reader(config: Mapping[str, Any]) -> tuple[int, list[int]]:
+            return config.get("reader_width", 0), list(config.get("reader_channels", DEFAULT_READER_CHANNELS))
+
+        if reader(old) == reader(new):
+            return ()
+        return ("reader.", "context.") if old.get("reader_width", 0) and new.get("reader_width", 0) else ("context.",)
 
     def freeze_detector(self) -> None:
         """Train only the glyph reader and the context head: every other weight stops taking gradients, and
