@@ -102,11 +102,12 @@ from core.train import TrainConfig, hold_out
 work, labels, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 real = LabelledFolder(f"{work}/train", labels)
 train, val = hold_out(real, TrainConfig(images=f"{work}/train", labels=labels, out="", seed=seed))
+paths = real.paths  # a new list on every access: read it once
 for part, subset in (("mix", train), ("mixval", val)):
     for sub in ("images", "labels"):
         os.makedirs(f"{work}/{part}/{sub}")
     for i in subset.indices:
-        image = real.paths[i]
+        image = paths[i]
         os.symlink(image.resolve(), f"{work}/{part}/images/{image.name}")
         os.symlink(os.path.realpath(f"{labels}/{image.stem}.txt"), f"{work}/{part}/labels/{image.stem}.txt")
 for name in sorted(os.listdir(f"{work}/synth/images")):

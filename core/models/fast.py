@@ -49,8 +49,7 @@ from core.models.decode import rank_in_group, select_detections
 from core.models.layers import BasicBlock, ConvBN
 from core.models.matching import IGNORE, match, pad_targets, sample
 from core.models.roi_align import roi_align
-from core.models.reader import DEFAULT_CHANNELS as DEFAULT_READER_CHANNELS
-from core.models.reader import GlyphReader
+from core.models.reader import DEFAULT_CHANNELS as DEFAULT_READER_CHANNELS, GlyphReader
 from core.models.transform import ImageBatch, ImageTransform
 
 
@@ -276,9 +275,10 @@ class FastRCNN(nn.Module):
         def reader(config: Mapping[str, Any]) -> tuple[int, list[int]]:
             return config.get("reader_width", 0), list(config.get("reader_channels", DEFAULT_READER_CHANNELS))
 
-        if reader(old) == reader(new):
+        (old_width, old_channels), (new_width, new_channels) = reader(old), reader(new)
+        if (old_width, old_channels) == (new_width, new_channels):
             return ()
-        return ("reader.", "context.") if old.get("reader_width", 0) and new.get("reader_width", 0) else ("context.",)
+        return ("reader.", "context.") if old_width and new_width else ("context.",)
 
     def freeze_detector(self) -> None:
         """Train only the glyph reader and the context head: every other weight stops taking gradients, and
