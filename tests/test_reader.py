@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.models import build_model
-from core.models.reader import GlyphReader
+from core.models.reader import GlyphReader, random_warps
 from core.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from tests.sample_models import TINY
 from tests.test_models import captchas
@@ -99,3 +99,54 @@ def test_reader_channels_set_its_cnn_and_a_new_reader_starts_fresh_with_its_cont
     assert stale(build_model("fast", **TINY, context_layers=1).config, narrow.config) == ("context.",)
     with pytest.raises(ValueError, match="4 entries"):
         GlyphReader(channels=(8, 16, 24))
+
+
+def test_crops_sample_as_roi_align_does_and_a_warp_turns_the_glyph() -> None:
+    from torchvision.ops import roi_align
+
+    image = torch.ones(3, 64, 200)
+    image[:, 20:44, 100:104] = 0.0  # a vertical bar, 4 x 24 px
+    image[:, 10:30, 30:50] = torch.linspace(0.0, 1.0, 20)  # a horizontal ramp, to compare sampling
+    image[1, 40:60, 150:170] = torch.rand(20, 20)
+    reader = GlyphReader(width=8, crop=32, margin=0.15)
+    batch = _normalised(image).repeat(2, 1, 1, 1)
+    boxes = torch.tensor([[100.0, 20.0, 104.0, 44.0], [32.0, 12.0, 48.0, 28.0], [33.5, 12.0, 47.0, 27.0],
+                          [151.0, 42.0, 168.0, 58.0]])
+    image_index = torch.tensor([0, 1, 0, 1])  # crops of both images, interleaved
+    crops = reader.crops(batch, boxes, image_index)
+    # the same square, through torchvision's RoIAlign (2 x 2 samples per output pixel): equal for crops inside
+    centre = (boxes[:, :2] + boxes[:, 2:]) * 0.5
+    half = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1, keepdim=True) * (0.5 + 0.5 * reader.margin)
+    rois = torch.cat((image_index.unsqueeze(1).float(), centre - half, centre + half), dim=1)
+    ink = 1.0 - image.unsqueeze(0).repeat(2, 1, 1, 1)
+    torch.testing.assert_close(crops, roi_align(ink, rois, 32, 1.0, 2, aligned=True), atol=1e-4, rtol=0)
+    quarter = torch.tensor([[0.0, -1.0], [1.0, 0.0]]).expand(4, 2, 2)  # a 90-degree turn: the bar lies flat
+    turned = reader._sample(ink, centre, half, image_index, quarter)[0, 0]
+    assert float(turned[15:17, 4:28].min()) > 0.95 and float(turned[:8].max()) < 0.01
+    warps = random_warps(500, 1.0)
+    angles = torch.atan2(warps[:, 1, 0], warps[:, 0, 0]).abs()
+    assert 0.2 < float(angles.max()) < 0.45 and float(warps.det().min()) > 0.6  # up to ~20 degrees, no flips
+    torch.manual_seed(1)
+    warped = reader.crops(batch, boxes, image_index, warp=1.0)
+    assert warped.shape == crops.shape and not torch.allclose(warped, crops, atol=0.05)
+    assert reader.crops(batch, boxes[:0], image_index[:0]).shape == (0, 3, 32, 32)
+
+
+def test_reader_warp_changes_training_crops_only() -> None:
+    images, targets, _ = captchas(3, seed=4, max_width=300)
+    torch.manual_seed(0)
+    plain = build_model("fast", **READER, context_jitter=0.0)
+    torch.manual_seed(0)
+    warped = build_model("fast", **READER, context_jitter=0.0, reader_warp=1.0)
+    assert warped.config["reader_warp"] == 1.0 and plain.config["reader_warp"] == 0.0
+    for model in (plain, warped):
+        model.freeze_detector()
+    torch.manual_seed(2)
+    loss_plain = plain.train()(images, targets)["reader"]
+    torch.manual_seed(2)
+    loss_warped = warped.train()(images, targets)["reader"]
+    assert not torch.allclose(loss_plain, loss_warped)
+    with torch.no_grad():
+        out_plain, out_warped = plain.eval()(images), warped.eval()(images)
+    for a, b in zip(out_plain, out_warped):
+        assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])

@@ -173,6 +173,7 @@ class FastRCNN(nn.Module):
         reader_crop: int = 24,
         reader_margin: float = 0.15,
         reader_channels: Sequence[int] = DEFAULT_READER_CHANNELS,
+        reader_warp: float = 0.0,
     ) -> None:
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
@@ -214,7 +215,7 @@ class FastRCNN(nn.Module):
                                context_heads=context_heads)
         if reader_width:  # likewise for the glyph reader
             self.config.update(reader_width=reader_width, reader_crop=reader_crop, reader_margin=reader_margin,
-                               reader_channels=list(reader_channels))
+                               reader_channels=list(reader_channels), reader_warp=reader_warp)
         if context_layers or reader_width:  # both train on jittered ground-truth boxes
             self.config["context_jitter"] = context_jitter
         self.num_classes = num_classes
@@ -289,9 +290,10 @@ class FastRCNN(nn.Module):
             param.requires_grad_(name.startswith(("reader.", "context.")))
         self.detector_frozen = True
 
-    def _read(self, features: Tensor | None, batch: ImageBatch, boxes: Tensor,
-              mask: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-        """Read the characters ``boxes [B, N, 4]`` (batch pixels, padded; ``mask [B, N]`` marks real ones) again.
+    def _read(self, features: Tensor | None, batch: ImageBatch, boxes: Tensor, mask: Tensor,
+              warp: float = 0.0) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Read the characters ``boxes [B, N, 4]`` (batch pixels, padded; ``mask [B, N]`` marks real ones) again;
+        ``warp``: strength of the glyph reader's random crop warps (training only, see ``GlyphReader.crops``).
 
         Returns, for the K real boxes in ``mask`` order: the box head's log-probabilities ``[K, 37]`` (None without
         ``features``, which only the glyph reader can do without), the base character logits ``[K, num_classes]``
@@ -306,7 +308,7 @@ class FastRCNN(nn.Module):
                                                    c["roi_sampling_ratio"]))
             log_probs, _ = self.box_head.predict(hidden)
         if self.reader is not None:
-            hidden = self.reader.embed(self.reader.crops(batch.tensors, flat, image))
+            hidden = self.reader.embed(self.reader.crops(batch.tensors, flat, image, warp))
             base = self.reader.predict(hidden)
         else:
             base = log_probs[:, :-1]
@@ -406,7 +408,7 @@ class FastRCNN(nn.Module):
                        gt_valid: Tensor) -> dict[str, Tensor]:
         """Cross-entropy of the glyph reader (``reader``) and of the context-corrected logits (``context``) on each
         image's ground-truth characters, their boxes jittered by up to ``context_jitter`` of their size per side (as
-        detections are never exact)."""
+        detections are never exact) and the reader's crops warped at random by ``reader_warp``."""
         names = [n for n, part in (("reader", self.reader), ("context", self.context)) if part is not None]
         if not bool(gt_valid.any()):
             zero = batch.tensors.float().sum() * 0.0
@@ -415,7 +417,8 @@ class FastRCNN(nn.Module):
         wh = (gt_boxes[..., 2:] - gt_boxes[..., :2]).repeat(1, 1, 2)
         noise = (torch.rand_like(gt_boxes) * 2.0 - 1.0) * self.config["context_jitter"] * wh
         boxes = clip_boxes(gt_boxes + noise, sizes[:, 0:1], sizes[:, 1:2])
-        _, base, logits = self._read(features if self.reader is None else None, batch, boxes, gt_valid)
+        _, base, logits = self._read(features if self.reader is None else None, batch, boxes, gt_valid,
+                                     self.config.get("reader_warp", 0.0))
         labels = gt_labels[gt_valid]
         losses = {}
         if self.reader is not None:
