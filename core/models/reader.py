@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.models.decode import rank_in_group
 from core.models.layers import ConvBN
 from core.models.transform import IMAGENET_MEAN, IMAGENET_STD
 
@@ -98,7 +99,7 @@ class GlyphReader(nn.Module):
         points = centre.unsqueeze(1) - 0.5 + half.unsqueeze(1) * offsets  # pixel coordinates, centres at integers
         grid = torch.stack((points[..., 0] * (2.0 / max(width - 1, 1)) - 1.0,
                             points[..., 1] * (2.0 / max(height - 1, 1)) - 1.0), dim=-1)
-        rank = (F.one_hot(image, b).cumsum(0) - 1).gather(1, image.unsqueeze(1)).squeeze(1)  # index within image
+        rank = rank_in_group(image)  # each crop's slot among its image's crops
         slots = grid.new_full((b, int(rank.max()) + 1, n * n, 2), -2.0)  # unused slots sample outside: no ink
         slots[image, rank] = grid
         sampled = F.grid_sample(ink, slots.view(b, -1, n, 2), mode="bilinear", padding_mode="zeros",
