@@ -129,6 +129,10 @@ def test_crops_sample_as_roi_align_does_and_a_warp_turns_the_glyph() -> None:
     torch.manual_seed(1)
     warped = reader.crops(batch, boxes, image_index, warp=1.0)
     assert warped.shape == crops.shape and not torch.allclose(warped, crops, atol=0.05)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the warp's arithmetic stays float32 under bf16 training
+        warped_bf16 = reader.crops(batch, boxes, image_index, warp=1.0)
+    torch.testing.assert_close(warped_bf16, warped, atol=1e-5, rtol=0)
     assert reader.crops(batch, boxes[:0], image_index[:0]).shape == (0, 3, 32, 32)
 
 

@@ -94,8 +94,9 @@ class GlyphReader(nn.Module):
         t = (torch.arange(n, device=ink.device, dtype=torch.float32) + 0.5) / n * 2.0 - 1.0
         ys, xs = torch.meshgrid(t, t, indexing="ij")
         offsets = torch.stack((xs, ys), dim=-1).view(1, n * n, 2)  # x, y in [-1, 1] of the square's half side
-        if warps is not None:
-            offsets = offsets @ warps.transpose(1, 2)  # [K, n*n, 2]
+        if warps is not None:  # written out rather than a matmul, which autocast would run in bfloat16
+            x, y, w = offsets[..., 0], offsets[..., 1], warps.unsqueeze(1)
+            offsets = torch.stack((w[..., 0, 0] * x + w[..., 0, 1] * y, w[..., 1, 0] * x + w[..., 1, 1] * y), dim=-1)
         points = centre.unsqueeze(1) - 0.5 + half.unsqueeze(1) * offsets  # pixel coordinates, centres at integers
         grid = torch.stack((points[..., 0] * (2.0 / max(width - 1, 1)) - 1.0,
                             points[..., 1] * (2.0 / max(height - 1, 1)) - 1.0), dim=-1)
@@ -122,8 +123,7 @@ def random_warps(count: int, strength: float, device: torch.device | str = "cpu"
     r = torch.rand(count, 4, device=device) * 2.0 - 1.0
     angle, shear = r[:, 0] * WARP["rotate"] * strength, r[:, 1] * WARP["shear"] * strength
     sx, sy = torch.exp(r[:, 2] * WARP["stretch"] * strength), torch.exp(r[:, 3] * WARP["stretch"] * strength)
-    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle), torch.ones_like(angle)
-    rotate = torch.stack((cos, -sin, sin, cos), dim=1).view(-1, 2, 2)
-    skew = torch.stack((one, shear, zero, one), dim=1).view(-1, 2, 2)
-    stretch = torch.stack((sx, zero, zero, sy), dim=1).view(-1, 2, 2)
-    return rotate @ skew @ stretch
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # rotate [[cos, -sin], [sin, cos]] @ skew [[1, shear], [0, 1]] @ stretch [[sx, 0], [0, sy]], written out so that
+    # it stays float32 under autocast
+    return torch.stack((cos * sx, (cos * shear - sin) * sy, sin * sx, (sin * shear + cos) * sy), dim=1).view(-1, 2, 2)
