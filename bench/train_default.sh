@@ -3,7 +3,7 @@
 # synthetic training, validation and test sets (fixed seeds), training of the `fast` network, evaluation on the
 # fresh test set, then the copy into the package. Rerun it whenever the network or the generator changes.
 #
-#   bash bench/train_default.sh   # everything (about four hours on 2 free CPU cores); an interrupted run continues
+#   bash bench/train_default.sh   # everything (about four and a half hours on 2 free CPU cores); an interrupted run continues
 #                                 # with the phase where it stopped when started again
 #
 # Variables: WORK (scratch folder), DEVICE (auto | cpu | cuda), WORKERS (DataLoader processes), INSTALL=0 to
@@ -32,6 +32,8 @@ EPOCHS3=14; EPOCH_SIZE3=12000; BATCH3=32; LR3=3e-3; SEED3=2; EMA3=0.998
 MODEL3='{"reader_width": 128}'
 # phase 4 continues phase 3 (reader and context head only) on a second cosine schedule at half the rate
 EPOCHS4=10; LR4=1.5e-3; SEED4=3
+# phase 5 continues phase 4 (reader and context head only) on a third, longer cosine schedule
+EPOCHS5=30; LR5=1e-3; SEED5=4
 
 mkdir -p "$WORK"
 [ -d "$WORK/train" ] || $CQ synth "$WORK/train" --count $TRAIN_COUNT --seed $TRAIN_SEED --quiet
@@ -65,7 +67,14 @@ if [ ! -f "$WORK/phase3.done" ]; then
   touch "$WORK/phase3.done"
 fi
 
-$CQ train "${DATA3[@]}" --epochs $EPOCHS4 --lr $LR4 --seed $SEED4 --init-from "$WORK/phase3.safetensors" \
+if [ ! -f "$WORK/phase4.done" ]; then
+  $CQ train "${DATA3[@]}" --epochs $EPOCHS4 --lr $LR4 --seed $SEED4 --init-from "$WORK/phase3.safetensors" \
+    --ema-decay $EMA3 --train-parts reader --out "$WORK/phase4.safetensors" \
+    $( [ -f "$WORK/phase4.state.json" ] && echo --resume )
+  touch "$WORK/phase4.done"
+fi
+
+$CQ train "${DATA3[@]}" --epochs $EPOCHS5 --lr $LR5 --seed $SEED5 --init-from "$WORK/phase4.safetensors" \
   --ema-decay $EMA3 --train-parts reader --out "$WORK/fast.safetensors" \
   $( [ -f "$WORK/fast.state.json" ] && echo --resume )
 
