@@ -114,7 +114,10 @@ def train(
                 f"char {event['val_character_accuracy']:.4f} | {event['images_per_second']:.1f} img/s"
                 + (" | saved" if event["best"] else "")
             )
-            progress.update(task, completed=0, epoch=event["epoch"] + 1)
+            if event["epoch"] < cfg.epochs:
+                progress.update(task, completed=0, epoch=event["epoch"] + 1)
+            else:  # the last epoch: no empty bar for an epoch that will not run
+                progress.update(task, visible=False)
 
     try:
         with progress:

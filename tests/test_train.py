@@ -217,7 +217,8 @@ def test_train_command(data: Path, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "best epoch 1" in proc.stdout
+    assert "best epoch 1" in proc.stdout and "epoch 1:" in proc.stdout
+    assert "epoch 2" not in proc.stdout + proc.stderr  # the bar is gone after the last epoch, not reset for another
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["arch"] == "fast" and meta["model_config"]["widths"] == TINY["widths"]
     assert meta["metrics"]["epoch"] == 1

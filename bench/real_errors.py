@@ -1,0 +1,69 @@
+"""Where a checkpoint goes wrong on a folder of ``<text>-<n>.png`` images.
+
+Prints the images read right, with a character too few or too many, and with a wrong character; the commonest
+confusions; and, for the ``0``/``o`` pair, each glyph's box height over the median box height of its image (a
+lower-case ``o`` is shorter than its neighbours, a capital ``O`` or a ``0`` is not) and, among the glyphs as tall as
+their neighbours, box width over height.
+
+    python bench/real_errors.py --images runs/real/val --checkpoint runs/real/reader/fast.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+from pathlib import Path
+
+from core.detector import Detector
+from core.formats import list_images, text_from_filename
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def quantiles(values: list[float]) -> list[float]:
+    values = sorted(values)
+    return [round(values[min(int(len(values) * q), len(values) - 1)], 2) for q in QUANTILES] if values else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", required=True, type=Path)
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    paths = [p for p in list_images(args.images) if text_from_filename(p)]
+    predictions = Detector.load(args.checkpoint, device=args.device).predict(paths)
+    outcome = collections.Counter()
+    confusions = collections.Counter()
+    height = collections.defaultdict(list)  # (true char, read right) -> box height / the image's median height
+    aspect = collections.defaultdict(list)  # the same, glyphs over 0.95 of the median height: width / height
+    for path, prediction in zip(paths, predictions):
+        text = text_from_filename(path).lower()
+        read = prediction.text
+        outcome["right" if read == text else "short" if len(read) < len(text) else
+                "long" if len(read) > len(text) else "wrong character"] += 1  # fmt: skip
+        if len(read) != len(text):
+            continue
+        median = statistics.median(c.box[3] - c.box[1] for c in prediction.chars)
+        for truth, char in zip(text, prediction.chars):
+            if truth != char.char:
+                confusions[(truth, char.char)] += 1
+            if truth in "0o":
+                h, w = char.box[3] - char.box[1], char.box[2] - char.box[0]
+                height[(truth, truth == char.char)].append(h / median)
+                if h / median > 0.95:
+                    aspect[(truth, truth == char.char)].append(w / h)
+    print(f"{len(paths)} images: " + ", ".join(f"{k} {v}" for k, v in outcome.most_common()))
+    print("confusions (true -> read), images read at the right length:",
+          ", ".join(f"{a}->{b} {n}" for (a, b), n in confusions.most_common(15)))
+    print(f"0/o, quantiles {QUANTILES}:")
+    for key in sorted(height):
+        label = f"'{key[0]}' read {'right' if key[1] else 'wrong'}"
+        print(f"  {label}: {len(height[key])} glyphs, height / median {quantiles(height[key])}; "
+              f"{len(aspect[key])} as tall as their neighbours, width / height {quantiles(aspect[key])}")
+
+
+if __name__ == "__main__":
+    main()
