@@ -76,7 +76,10 @@ def main() -> None:
         return short, long
 
     shipped = (c["score_thresh"], c["cross_class_nms_thresh"], c["containment_thresh"])
-    rows = [(s + l, s, l, t) for t in itertools.product(SCORES, CROSS, CONTAIN) for s, l in [wrong_lengths(*t)]]
+    rows = []
+    for thresholds in itertools.product(SCORES, CROSS, CONTAIN):
+        s, l = wrong_lengths(*thresholds)
+        rows.append((s + l, s, l, thresholds))
     s, l = wrong_lengths(*shipped)
     print(f"checkpoint's thresholds (score, cross-class, containment) {shipped}: {s + l} wrong lengths "
           f"({s} short, {l} long)")
