@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.models import build_model
-from core.models.reader import GlyphReader, random_warps
+from core.models.reader import GlyphReader, random_warps, rotations
 from core.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from tests.sample_models import TINY
 from tests.test_models import captchas
@@ -154,3 +154,43 @@ def test_reader_warp_changes_training_crops_only() -> None:
         out_plain, out_warped = plain.eval()(images), warped.eval()(images)
     for a, b in zip(out_plain, out_warped):
         assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])
+
+
+def test_reader_views_average_the_turned_crops_in_eval_only(tmp_path) -> None:
+    from core.checkpoint import load_checkpoint, save_checkpoint
+
+    image = torch.ones(3, 64, 200)
+    image[:, 20:44, 100:104] = 0.0
+    image[:, 10:40, 30:50] = torch.rand(30, 20)
+    batch = _normalised(image).repeat(2, 1, 1, 1)
+    boxes = torch.tensor([[100.0, 20.0, 104.0, 44.0], [30.0, 10.0, 50.0, 40.0], [28.0, 8.0, 52.0, 42.0]])
+    image_index = torch.tensor([1, 0, 1])
+    torch.manual_seed(0)
+    reader = GlyphReader(width=8, crop=16, views=(0.0, 10.0, -10.0)).eval()
+    turns = rotations((10.0, -10.0))
+    assert torch.allclose(turns[0] @ turns[1], torch.eye(2), atol=1e-6)  # opposite turns undo each other
+    with torch.no_grad():
+        read = reader.read(batch, boxes, image_index)
+        views = [reader.embed(reader._crops(batch, boxes, image_index, None if t is None else t.expand(3, 2, 2)))
+                 for t in (None, turns[0], turns[1])]
+        torch.testing.assert_close(read, torch.stack(views).mean(dim=0), atol=1e-5, rtol=0)
+        plain, turned = (reader._crops(batch, boxes, image_index, t) for t in (None, turns[:1].expand(3, 2, 2)))
+        assert not torch.allclose(plain, turned, atol=0.05)  # the views see the glyphs turned
+        assert not torch.equal(read, views[0])
+        reader.train()  # training reads one view (its own random warps do the turning there)
+        torch.testing.assert_close(reader.read(batch, boxes, image_index), reader.embed(
+            reader.crops(batch, boxes, image_index)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least one angle"):
+        GlyphReader(views=())
+    # the network records its views only when it has more than the plain one, so older checkpoints load unchanged
+    assert "reader_views" not in build_model("fast", **READER).config
+    torch.manual_seed(0)
+    model = build_model("fast", **READER, reader_views=[0, 6, -6]).eval()
+    assert model.config["reader_views"] == [0.0, 6.0, -6.0] and model.reader.views == (0.0, 6.0, -6.0)
+    save_checkpoint(model, tmp_path / "views.safetensors")
+    loaded, meta = load_checkpoint(tmp_path / "views.safetensors")
+    assert loaded.reader.views == (0.0, 6.0, -6.0) and meta["model_config"]["reader_views"] == [0.0, 6.0, -6.0]
+    images, _, _ = captchas(2, seed=5, max_width=300)
+    with torch.no_grad():
+        for a, b in zip(model(images), loaded.eval()(images)):
+            assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])

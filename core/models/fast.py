@@ -12,7 +12,8 @@ light top-down merge gives one stride-4 feature map that the RPN and the RoI hea
     head    RoIAlign roi_size x roi_size (scale 1/4) -> FC head_width -> FC head_width
             -> objectness + 36 character logits (factorised, see BoxHead), 4 class-agnostic box deltas
     reader  (optional, ``reader_width`` > 0) a small CNN that names each character again from a square crop of the
-            input image around its box (``core/models/reader.py``)
+            input image around its box (``core/models/reader.py``); in eval, with ``reader_views``, from the mean
+            of its vectors over the crop turned by each of those angles
     context (optional, ``context_layers`` > 0) a transformer encoder over each image's characters that corrects their
             character logits (the reader's where there is one, else the box head's) from the others' appearance and
             sizes (``core/models/context.py``)
@@ -174,6 +175,7 @@ class FastRCNN(nn.Module):
         reader_margin: float = 0.15,
         reader_channels: Sequence[int] = DEFAULT_READER_CHANNELS,
         reader_warp: float = 0.0,
+        reader_views: Sequence[float] = (0.0,),
     ) -> None:
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
@@ -216,6 +218,8 @@ class FastRCNN(nn.Module):
         if reader_width:  # likewise for the glyph reader
             self.config.update(reader_width=reader_width, reader_crop=reader_crop, reader_margin=reader_margin,
                                reader_channels=list(reader_channels), reader_warp=reader_warp)
+            if tuple(reader_views) != (0.0,):  # likewise: checkpoints read in one view unless they say otherwise
+                self.config["reader_views"] = [float(v) for v in reader_views]
         if context_layers or reader_width:  # both train on jittered ground-truth boxes
             self.config["context_jitter"] = context_jitter
         self.num_classes = num_classes
@@ -224,8 +228,8 @@ class FastRCNN(nn.Module):
         self.anchors = AnchorGrid(anchor_shapes(anchor_sizes, aspect_ratios), self.stride)
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
         self.box_head = BoxHead(feature_width * roi_size * roi_size, head_width, num_classes)
-        self.reader = (GlyphReader(reader_width, reader_crop, reader_margin, num_classes, channels=reader_channels)
-                       if reader_width else None)
+        self.reader = (GlyphReader(reader_width, reader_crop, reader_margin, num_classes, channels=reader_channels,
+                                   views=reader_views) if reader_width else None)
         self.context = (ContextHead(reader_width or head_width, context_width, context_layers, context_heads,
                                     num_classes) if context_layers else None)
         self.detector_frozen = False  # set by freeze_detector(): training then fits only the reader and context head
@@ -308,7 +312,7 @@ class FastRCNN(nn.Module):
                                                    c["roi_sampling_ratio"]))
             log_probs, _ = self.box_head.predict(hidden)
         if self.reader is not None:
-            hidden = self.reader.embed(self.reader.crops(batch.tensors, flat, image, warp))
+            hidden = self.reader.read(batch.tensors, flat, image, warp)
             base = self.reader.predict(hidden)
         else:
             base = log_probs[:, :-1]

@@ -7,7 +7,9 @@ input scale), resamples it to ``crop x crop`` pixels and classifies it with a sm
 the glyph's aspect ratio (a bar stays a bar), the margin keeps a little of its surroundings, and the crop is taken
 from the ink (1 - the image), so anything outside the image reads as white background. In training each crop can
 also be warped at random (``reader_warp``: rotated, sheared, stretched), so that the reader sees every glyph of its
-training set in many shapes, as the glyphs of real CAPTCHAs vary from one image to the next.
+training set in many shapes, as the glyphs of real CAPTCHAs vary from one image to the next. In eval the reader can
+also read each crop in several ``views`` (the crop turned by each of a few angles) and average what it sees, which
+corrects some of the glyphs one view misreads (test-time augmentation, at the cost of one reader pass per view).
 
 Inside ``FastRCNN`` (``reader_width`` > 0) the detector still finds the boxes; the reader then names them, and the
 context head, when there is one, corrects the reader's logits from the other characters of the image. Because the
@@ -47,19 +49,25 @@ class GlyphReader(nn.Module):
     the first two, one in the last), 2 x 2 average pool, one linear layer to ``width`` (ReLU) and the class layer.
     With the default channels (32, 48, 96, 128): 0.34 M parameters at width 128 and about 11 M multiply-adds per
     character at crop 24 (20 M at crop 32).
+
+    ``read`` is crops then ``embed``; in eval mode with ``views`` (rotation angles in degrees, e.g. ``(0, 7, -7)``)
+    it embeds each crop once per view, turned by that angle about its centre, and returns the mean vector.
     """
 
     def __init__(self, width: int = 128, crop: int = 24, margin: float = 0.15, num_classes: int = 36,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 channels: Sequence[int] = DEFAULT_CHANNELS) -> None:
+                 channels: Sequence[int] = DEFAULT_CHANNELS, views: Sequence[float] = (0.0,)) -> None:
         super().__init__()
         if crop % 8:
             raise ValueError(f"reader crop must be a multiple of 8, got {crop}")
         if len(channels) != 4:
             raise ValueError(f"reader channels needs 4 entries (stem and three stages), got {list(channels)}")
         c0, c1, c2, c3 = channels
+        if not views:
+            raise ValueError("reader views needs at least one angle")
         self.crop = crop
         self.margin = margin
+        self.views = tuple(float(v) for v in views)
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.net = nn.Sequential(
@@ -72,14 +80,27 @@ class GlyphReader(nn.Module):
         self.fc = nn.Linear(c3 * 4, width)
         self.cls = nn.Linear(width, num_classes)
 
+    def read(self, images: Tensor, boxes: Tensor, image: Tensor, warp: float = 0.0) -> Tensor:
+        """Hidden vectors ``[K, width]`` of the characters ``boxes [K, 4]`` of ``image [K]`` (as ``crops``); in eval
+        mode the mean over ``self.views``."""
+        if self.training or self.views == (0.0,):
+            return self.embed(self.crops(images, boxes, image, warp))
+        k, v = len(boxes), len(self.views)
+        turns = rotations(self.views, boxes.device).repeat_interleave(k, dim=0)  # [V * K, 2, 2], view-major
+        crops = self._crops(images, boxes.repeat(v, 1), image.repeat(v), turns)
+        return self.embed(crops).view(v, k, -1).mean(dim=0)
+
     def crops(self, images: Tensor, boxes: Tensor, image: Tensor, warp: float = 0.0) -> Tensor:
+        warps = random_warps(len(boxes), warp, boxes.device) if warp > 0.0 else None
+        return self._crops(images, boxes, image, warps)
+
+    def _crops(self, images: Tensor, boxes: Tensor, image: Tensor, warps: Tensor | None) -> Tensor:
         mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
         std = images.new_tensor(self.std).view(1, 3, 1, 1)
         ink = 1.0 - (images * std + mean)
         boxes = boxes.float()
         centre = (boxes[:, :2] + boxes[:, 2:]) * 0.5
         half = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1, keepdim=True).clamp(min=2.0) * (0.5 + 0.5 * self.margin)
-        warps = random_warps(len(boxes), warp, boxes.device) if warp > 0.0 else None
         return self._sample(ink, centre, half, image, warps)
 
     def _sample(self, ink: Tensor, centre: Tensor, half: Tensor, image: Tensor, warps: Tensor | None) -> Tensor:
@@ -115,6 +136,13 @@ class GlyphReader(nn.Module):
     def predict(self, hidden: Tensor) -> Tensor:
         """``[K, width]`` -> character logits ``[K, num_classes]`` (float32, also under bf16 autocast)."""
         return self.cls(hidden).float()
+
+
+def rotations(degrees: Sequence[float], device: torch.device | str = "cpu") -> Tensor:
+    """``[len(degrees), 2, 2]`` rotation matrices, in the form ``random_warps`` returns."""
+    angle = torch.tensor([math.radians(d) for d in degrees], dtype=torch.float32, device=device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack((cos, -sin, sin, cos), dim=1).view(-1, 2, 2)
 
 
 def random_warps(count: int, strength: float, device: torch.device | str = "cpu") -> Tensor:
