@@ -208,6 +208,40 @@ def load_checkpoint(
     return model.to(device).eval(), meta
 
 
+# model_config keys that change only how a trained network decodes, never its weights: ``reconfigure_checkpoint`` may
+# set them on a checkpoint without training
+DECODE_SETTINGS = frozenset({
+    "reader_views", "score_thresh", "nms_thresh", "cross_class_nms_thresh", "containment_thresh",
+    "detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+})
+
+
+def reconfigure_checkpoint(path: str | os.PathLike, out: str | os.PathLike, changes: dict[str, Any]) -> Path:
+    """Write the checkpoint ``path`` to ``out`` with decode settings changed (``changes``, keys from
+    ``DECODE_SETTINGS``, e.g. ``{"reader_views": [0, 7, -7]}``): the same weights, its other metadata kept, plus
+    ``reconfigured_from`` (the source, its sha256 and the changes). The network is rebuilt from the new model_config
+    and loaded strictly, so a change that does not fit the weights is refused. Returns ``out``."""
+    unknown = sorted(set(changes) - DECODE_SETTINGS)
+    if unknown:
+        raise CheckpointError(
+            f"only decode settings can change without training ({', '.join(sorted(DECODE_SETTINGS))}); "
+            f"not {', '.join(unknown)}"
+        )
+    from core.models import build_model
+
+    model, meta = load_checkpoint(path)
+    config = {**meta["model_config"], **changes}
+    try:
+        rebuilt = build_model(**config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot build the network with {changes}: {exc}") from None
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    kept = {k: v for k, v in meta.items() if k not in ("format_version", "arch", "model_config", "charset",
+                                                       "created_at", "sha256", "reconfigured_from")}
+    kept["reconfigured_from"] = {"path": str(path), "sha256": meta["sha256"], "changes": changes}
+    return save_checkpoint(rebuilt, out, kept)
+
+
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Copy every tensor of ``state`` into ``model`` (same name, same shape) and return the names of ``model``'s
     tensors that ``state`` lacks, which keep their fresh initialisation: a network grown by a new part (say, a

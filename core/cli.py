@@ -196,6 +196,30 @@ def eval_command(
 
 
 @app.command()
+def reconfigure(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to start from (.safetensors)"),
+    set_: str = typer.Option(..., "--set", help='JSON object of decode settings, e.g. \'{"reader_views": [0, 7, -7]}\''),
+    out: Path = typer.Option(..., help="Checkpoint to write (the same weights, the new settings)"),
+) -> None:
+    """Change a checkpoint's decode settings (glyph reader views, score and NMS thresholds) without training."""
+    import json
+
+    from core.checkpoint import CheckpointError, reconfigure_checkpoint
+
+    try:
+        changes = json.loads(set_)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--set is not JSON: {exc}") from None
+    if not isinstance(changes, dict) or not changes:
+        raise _fail("--set needs a non-empty JSON object")
+    try:
+        written = reconfigure_checkpoint(checkpoint, out, changes)
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote {written} ({', '.join(f'{k}={v}' for k, v in changes.items())})")
+
+
+@app.command()
 def autolabel(
     images: Path = typer.Argument(..., help="Folder of <text>-<n>.png images whose only label is their text."),
     out: Path = typer.Option(..., "--out", help="Labels folder to write (<stem>.txt, YOLO, the seed layout)."),

@@ -19,6 +19,7 @@ from core.checkpoint import (
     load_training_state,
     metadata_path,
     read_metadata,
+    reconfigure_checkpoint,
     save_checkpoint,
     save_training_state,
     sha256_file,
@@ -183,3 +184,37 @@ def test_default_checkpoint_path_points_into_the_package() -> None:
     path = default_checkpoint_path()
     assert path.name == "fast.safetensors"
     assert path.parent.name == "default_checkpoint" and path.parent.parent.name == "core"
+
+
+def test_reconfigure_changes_decode_settings_and_keeps_weights_and_metadata(images, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from core.cli import app
+
+    torch.manual_seed(0)
+    reader = build_model("fast", **TINY, reader_width=16, context_layers=1, context_width=16, context_heads=2).eval()
+    src = save_checkpoint(reader, tmp_path / "plain.safetensors", {"metrics": {"val_sequence_accuracy": 0.5}})
+    out = tmp_path / "views.safetensors"
+    result = CliRunner().invoke(app, ["reconfigure", str(src), "--set", '{"reader_views": [0, 7, -7]}',
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "reader_views=[0, 7, -7]" in result.output
+    loaded, meta = load_checkpoint(out)
+    assert loaded.reader.views == (0.0, 7.0, -7.0) and meta["model_config"]["reader_views"] == [0.0, 7.0, -7.0]
+    assert meta["metrics"] == {"val_sequence_accuracy": 0.5}
+    assert meta["reconfigured_from"]["changes"] == {"reader_views": [0, 7, -7]}
+    assert meta["reconfigured_from"]["sha256"] == read_metadata(src)["sha256"]
+    for name, tensor in reader.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    # the same as a network built with those views: the setting, not the weights, changes what it reads
+    torch.manual_seed(0)
+    direct = build_model("fast", **TINY, reader_width=16, context_layers=1, context_width=16, context_heads=2,
+                         reader_views=[0, 7, -7]).eval()
+    for a, b in zip(_detect(direct, images), _detect(loaded, images)):
+        assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])
+    # weights cannot change without training: a setting that shapes the network is refused, and so is a bad value
+    refused = CliRunner().invoke(app, ["reconfigure", str(src), "--set", '{"reader_width": 32}', "--out", str(out)])
+    assert refused.exit_code == 1 and "reader_width" in refused.output
+    with pytest.raises(CheckpointError, match="at least one angle"):
+        reconfigure_checkpoint(src, out, {"reader_views": []})
+    assert CliRunner().invoke(app, ["reconfigure", str(src), "--set", "[1]", "--out", str(out)]).exit_code == 1
