@@ -177,6 +177,7 @@ def test_reader_views_average_the_turned_crops_in_eval_only(tmp_path) -> None:
         plain, turned = (reader._crops(batch, boxes, image_index, t) for t in (None, turns[:1].expand(3, 2, 2)))
         assert not torch.allclose(plain, turned, atol=0.05)  # the views see the glyphs turned
         assert not torch.equal(read, views[0])
+        assert reader.read(batch, boxes[:0], image_index[:0]).shape == (0, 8)  # an image without characters
         reader.train()  # training reads one view (its own random warps do the turning there)
         torch.testing.assert_close(reader.read(batch, boxes, image_index), reader.embed(
             reader.crops(batch, boxes, image_index)), atol=1e-5, rtol=0)

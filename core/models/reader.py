@@ -88,7 +88,7 @@ class GlyphReader(nn.Module):
         k, v = len(boxes), len(self.views)
         turns = rotations(self.views, boxes.device).repeat_interleave(k, dim=0)  # [V * K, 2, 2], view-major
         crops = self._crops(images, boxes.repeat(v, 1), image.repeat(v), turns)
-        return self.embed(crops).view(v, k, -1).mean(dim=0)
+        return self.embed(crops).view(v, k, self.fc.out_features).mean(dim=0)
 
     def crops(self, images: Tensor, boxes: Tensor, image: Tensor, warp: float = 0.0) -> Tensor:
         warps = random_warps(len(boxes), warp, boxes.device) if warp > 0.0 else None
