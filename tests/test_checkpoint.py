@@ -218,3 +218,8 @@ def test_reconfigure_changes_decode_settings_and_keeps_weights_and_metadata(imag
     with pytest.raises(CheckpointError, match="at least one angle"):
         reconfigure_checkpoint(src, out, {"reader_views": []})
     assert CliRunner().invoke(app, ["reconfigure", str(src), "--set", "[1]", "--out", str(out)]).exit_code == 1
+    # a checkpoint without a glyph reader has no views to set
+    plain = save_checkpoint(build_model("fast", **TINY).eval(), tmp_path / "noreader.safetensors")
+    with pytest.raises(CheckpointError, match="needs a glyph reader"):
+        reconfigure_checkpoint(plain, tmp_path / "noreader-views.safetensors", {"reader_views": [0, 7, -7]})
+    assert not (tmp_path / "noreader-views.safetensors").exists()

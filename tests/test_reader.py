@@ -183,6 +183,10 @@ def test_reader_views_average_the_turned_crops_in_eval_only(tmp_path) -> None:
             reader.crops(batch, boxes, image_index)), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="at least one angle"):
         GlyphReader(views=())
+    # views are the reader's: a network without one refuses them rather than silently reading in one view
+    with pytest.raises(ValueError, match="needs a glyph reader"):
+        build_model("fast", **TINY, reader_views=[0, 6, -6])
+    assert "reader_views" not in build_model("fast", **TINY, reader_views=[0]).config
     # the network records its views only when it has more than the plain one, so older checkpoints load unchanged
     assert "reader_views" not in build_model("fast", **READER).config
     torch.manual_seed(0)

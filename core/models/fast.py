@@ -180,6 +180,9 @@ class FastRCNN(nn.Module):
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
             raise ValueError("widths needs 3 entries (stem, stage1, stage2) and depths 2 (stage1, stage2)")
+        if tuple(float(v) for v in reader_views) != (0.0,) and not reader_width:
+            raise ValueError(f"reader_views {[float(v) for v in reader_views]} needs a glyph reader (reader_width > 0); "
+                             "a network without one reads each glyph from its box features, in one view")
         self.config = {
             "arch": "fast",
             "num_classes": num_classes,
