@@ -242,6 +242,24 @@ def reconfigure_checkpoint(path: str | os.PathLike, out: str | os.PathLike, chan
     return save_checkpoint(rebuilt, out, kept)
 
 
+def checkpoint_version(meta: dict, path: str | os.PathLike | None = None) -> str:
+    """The version results are recorded under: the metadata's ``version`` if it has one (set by the training task),
+    else ``sha256:`` and the first 12 hex digits of the weights' sha256 (of the file at ``path`` where the metadata
+    lacks it). A checkpoint written by ``reconfigure_checkpoint`` holds the same weights as its source but reads
+    differently, so its version adds ``+decode:`` and 8 hex digits of its decode settings."""
+    version = meta.get("version")
+    if not version:
+        digest = meta.get("sha256") or (sha256_file(path) if path is not None else None)
+        if not digest:
+            raise CheckpointError("checkpoint metadata has neither a version nor a sha256")
+        version = "sha256:" + digest[:12]
+    if "reconfigured_from" in meta:
+        config = meta.get("model_config", {})
+        decode = {k: config[k] for k in sorted(DECODE_SETTINGS) if k in config}
+        version += "+decode:" + hashlib.sha256(json.dumps(decode, sort_keys=True).encode()).hexdigest()[:8]
+    return str(version)
+
+
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Copy every tensor of ``state`` into ``model`` (same name, same shape) and return the names of ``model``'s
     tensors that ``state`` lacks, which keep their fresh initialisation: a network grown by a new part (say, a

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from core.charset import CHARS
-from core.checkpoint import default_checkpoint_path, load_checkpoint, sha256_file
+from core.checkpoint import checkpoint_version, default_checkpoint_path, load_checkpoint
 from core.images import load_image, to_rgb
 from core.precision import autocast, resolve_precision
 
@@ -101,7 +101,7 @@ class Detector:
         self.metadata = metadata
         self.device = device
         self.precision = resolve_precision(precision, device)  # "fp32" | "bf16"
-        self.version: str = metadata.get("version") or "sha256:" + (metadata.get("sha256") or sha256_file(checkpoint_path))[:12]
+        self.version: str = checkpoint_version(metadata, checkpoint_path)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike | None = None, device: str = "auto",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.checkpoint import save_checkpoint
+from core.checkpoint import read_metadata, reconfigure_checkpoint, save_checkpoint
 from core.config import get_settings
 from core.detector import Detector, Prediction, detect, image_to_tensor, resolve_device
 from core.images import ImageError
@@ -51,6 +51,26 @@ def test_load_sets_version_device_and_eval_mode(checkpoint: Path) -> None:
 def test_version_from_metadata(tmp_path: Path) -> None:
     path = save_checkpoint(build_model("fast", **TINY), tmp_path / "v.safetensors", {"version": "7"})
     assert Detector.load(path).version == "7"
+
+
+def test_a_reconfigured_checkpoint_records_results_under_its_own_version(tmp_path: Path) -> None:
+    """reconfigure keeps the weights (so their sha256) but changes what the network reads: results written with it
+    must not share a model_version with its source's, and two different decode settings must not share one either."""
+    torch.manual_seed(0)
+    model = build_model("fast", **TINY, reader_width=8)
+    for metadata in ({}, {"version": "7"}):
+        src = save_checkpoint(model, tmp_path / "src.safetensors", metadata)
+        views = reconfigure_checkpoint(src, tmp_path / "views.safetensors", {"reader_views": [0, 7, -7]})
+        strict = reconfigure_checkpoint(src, tmp_path / "strict.safetensors", {"score_thresh": 0.5})
+        assert read_metadata(views)["sha256"] == read_metadata(src)["sha256"]  # the very same weights
+        versions = [Detector.load(path, device="cpu").version for path in (src, views, strict)]
+        base = versions[0]
+        assert base == (metadata.get("version") or "sha256:" + read_metadata(src)["sha256"][:12])
+        assert len(set(versions)) == 3 and all(v.startswith(base + "+decode:") for v in versions[1:])
+        assert all(len(v) <= 64 for v in versions)  # fits results.model_version
+        # the same settings give the same version, wherever the file lies
+        again = reconfigure_checkpoint(src, tmp_path / "again.safetensors", {"reader_views": [0, 7, -7]})
+        assert Detector.load(again, device="cpu").version == versions[1]
 
 
 def test_load_without_argument_uses_settings(checkpoint: Path, monkeypatch) -> None:
