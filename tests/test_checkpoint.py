@@ -12,6 +12,7 @@ import torch
 
 from core.charset import CHARS
 from core.checkpoint import (
+    DECODE_SETTINGS,
     FORMAT_VERSION,
     CheckpointError,
     default_checkpoint_path,
@@ -223,3 +224,26 @@ def test_reconfigure_changes_decode_settings_and_keeps_weights_and_metadata(imag
     with pytest.raises(CheckpointError, match="needs a glyph reader"):
         reconfigure_checkpoint(plain, tmp_path / "noreader-views.safetensors", {"reader_views": [0, 7, -7]})
     assert not (tmp_path / "noreader-views.safetensors").exists()
+
+
+def test_every_decode_setting_is_a_network_setting_that_leaves_the_weights_alone() -> None:
+    """``reconfigure_checkpoint`` trusts DECODE_SETTINGS: each must be a real argument of the network, recorded in its
+    model_config, and must not change a single tensor name, shape or value."""
+    values = {"reader_views": [0.0, 5.0, -5.0], "score_thresh": 0.3, "nms_thresh": 0.2, "cross_class_nms_thresh": 0.4,
+              "containment_thresh": 0.6, "detections_per_img": 5, "rpn_pre_nms_top_n_test": 50,
+              "rpn_post_nms_top_n_test": 20}
+    assert set(values) == DECODE_SETTINGS
+    config = {**TINY, "reader_width": 8}
+    torch.manual_seed(0)
+    reference = build_model("fast", **config).state_dict()
+    for key, value in values.items():
+        torch.manual_seed(0)
+        model = build_model("fast", **{**config, key: value})
+        assert model.config[key] == value, key
+        state = model.state_dict()
+        assert state.keys() == reference.keys(), key
+        assert all(torch.equal(state[name], reference[name]) for name in state), key
+    # a setting outside the list does change the weights, which is why reconfigure refuses it
+    torch.manual_seed(0)
+    assert build_model("fast", **{**config, "reader_width": 16}).state_dict()["reader.fc.weight"].shape != \
+        reference["reader.fc.weight"].shape
