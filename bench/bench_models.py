@@ -1,7 +1,8 @@
 """Throughput of the ``seed`` and ``fast`` detectors, measured in the same run on synthetic 80x455 CAPTCHAs.
 
     python bench/bench_models.py [--threads 2] [--iters 5] [--batch 32] [--train-batch 8] [--precisions fp32,bf16]
-                                 [--archs seed,fast,shipped,shipped-reader]
+                                 [--archs seed,fast,shipped,shipped-1view,shipped-gated,shipped-reader]
+                                 [--view-gate 0.95]
 
 Prints images/s for inference (eval mode, ``torch.inference_mode``, batch ``--batch``) and training (forward,
 backward and an AdamW step at batch ``--train-batch``, 4-8 boxes per image) of each network in each precision
@@ -11,7 +12,10 @@ the baseline. Each figure is the median over ``--iters`` timed iterations after 
 
 Besides the two architectures (freshly initialised, as ``build_model`` makes them), ``shipped`` is the shipped
 default checkpoint (trained, so it finds characters and runs its glyph reader and context head on them in eval) and
-``shipped-reader`` the same network training only its reader and context head (``--train-parts reader``).
+``shipped-reader`` the same network training only its reader and context head (``--train-parts reader``);
+``shipped-1view`` is the shipped network reading each glyph in one view instead of its ``reader_views`` and
+``shipped-gated`` the same reading only the glyphs it is unsure of in every view (``--view-gate``): what the views
+cost.
 """
 
 from __future__ import annotations
@@ -96,15 +100,22 @@ def bench_training(model: torch.nn.Module, images: list[torch.Tensor], targets: 
     return _median_rate(step, len(images), iters, device)
 
 
-def _model(arch: str) -> torch.nn.Module:
-    """A fresh ``seed`` / ``fast`` network, or the shipped checkpoint (``shipped``, ``shipped-reader``)."""
-    if arch not in ("shipped", "shipped-reader"):
+SHIPPED = ("shipped", "shipped-1view", "shipped-gated", "shipped-reader")
+
+
+def _model(arch: str, view_gate: float = 0.95) -> torch.nn.Module:
+    """A fresh ``seed`` / ``fast`` network, or the shipped checkpoint (one of ``SHIPPED``)."""
+    if arch not in SHIPPED:
         return build_model(arch)
     from core.checkpoint import default_checkpoint_path, load_checkpoint
 
     model, _ = load_checkpoint(default_checkpoint_path())
     if arch == "shipped-reader":
         model.freeze_detector()
+    if arch == "shipped-1view":  # its reader reads each crop once, upright, instead of in the shipped views
+        model.reader.views = (0.0,)
+    if arch == "shipped-gated":  # the other views only for the glyphs the first reads with less than view_gate
+        model.reader.view_gate = view_gate
     return model
 
 
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default="seed,fast", help="comma-separated architectures (default seed,fast)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, auto (default fp32,bf16)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--view-gate", type=float, default=0.95, help="reader view gate of shipped-gated (default 0.95)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = list(dict.fromkeys(resolve_precision(x, device) for x in args.precisions.split(",")))
     rows: dict[tuple[str, str], tuple[int, float, float]] = {}
     for arch in args.archs.split(","):
-        model = _model(arch).to(device)
+        model = _model(arch, args.view_gate).to(device)
         iters = args.seed_iters if arch == "seed" else args.iters
         params = sum(p.numel() for p in model.parameters())
         for precision in precisions:

@@ -199,3 +199,41 @@ def test_reader_views_average_the_turned_crops_in_eval_only(tmp_path) -> None:
     with torch.no_grad():
         for a, b in zip(model(images), loaded.eval()(images)):
             assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])
+
+
+def test_a_view_gate_reads_only_the_unsure_glyphs_in_every_view() -> None:
+    image = torch.ones(3, 64, 240)
+    torch.manual_seed(1)
+    boxes = []
+    for i in range(8):  # eight glyph-like blobs of different shapes
+        x, h = 10 + 28 * i, 14 + 3 * i
+        image[:, 40 - h:40, x:x + 6 + i] = torch.rand(3, h, 6 + i) * 0.5
+        boxes.append([x, 40 - h, x + 6 + i, 40])
+    batch = _normalised(image).repeat(2, 1, 1, 1)
+    boxes = torch.tensor(boxes, dtype=torch.float32).repeat(2, 1)
+    index = torch.tensor([0] * 8 + [1] * 8)
+    torch.manual_seed(0)
+    every = GlyphReader(width=8, crop=16, views=(0.0, 10.0, -10.0)).eval()
+    with torch.no_grad():
+        one = every.embed(every.crops(batch, boxes, index))
+        surest = every.predict(one).softmax(dim=1).amax(dim=1)
+        gate = float(surest.median())
+        gated = GlyphReader(width=8, crop=16, views=(0.0, 10.0, -10.0), view_gate=gate).eval()
+        gated.load_state_dict(every.state_dict())
+        seen = []
+        embed = gated.embed
+        gated.embed = lambda crops: seen.append(len(crops)) or embed(crops)
+        full, read = every.read(batch, boxes, index), gated.read(batch, boxes, index)
+    unsure = surest < gate
+    assert 0 < int(unsure.sum()) < len(boxes)
+    torch.testing.assert_close(read[unsure], full[unsure], atol=1e-5, rtol=0)  # the unsure: every view, averaged
+    torch.testing.assert_close(read[~unsure], one[~unsure], atol=1e-5, rtol=0)  # the sure: the first view alone
+    assert not torch.allclose(full[~unsure], one[~unsure], atol=1e-6, rtol=1e-3)  # (reading them in all differs)
+    assert seen == [len(boxes), 2 * int(unsure.sum())]  # the other views cropped and read only the unsure glyphs
+    with pytest.raises(ValueError, match="view gate"):
+        GlyphReader(views=(0.0, 5.0), view_gate=0.0)
+    # the network records a gate only when it has one, and only a network with a reader takes it
+    assert build_model("fast", **READER, reader_views=[0, 6, -6], reader_view_gate=0.9).config["reader_view_gate"] == 0.9
+    assert "reader_view_gate" not in build_model("fast", **READER, reader_views=[0, 6, -6]).config
+    with pytest.raises(ValueError, match="needs a glyph reader"):
+        build_model("fast", **TINY, reader_view_gate=0.9)

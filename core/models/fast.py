@@ -13,7 +13,8 @@ light top-down merge gives one stride-4 feature map that the RPN and the RoI hea
             -> objectness + 36 character logits (factorised, see BoxHead), 4 class-agnostic box deltas
     reader  (optional, ``reader_width`` > 0) a small CNN that names each character again from a square crop of the
             input image around its box (``core/models/reader.py``); in eval, with ``reader_views``, from the mean
-            of its vectors over the crop turned by each of those angles
+            of its vectors over the crop turned by each of those angles (with ``reader_view_gate`` < 1, only for
+            the glyphs its first view reads with a top probability below the gate)
     context (optional, ``context_layers`` > 0) a transformer encoder over each image's characters that corrects their
             character logits (the reader's where there is one, else the box head's) from the others' appearance and
             sizes (``core/models/context.py``)
@@ -176,6 +177,7 @@ class FastRCNN(nn.Module):
         reader_channels: Sequence[int] = DEFAULT_READER_CHANNELS,
         reader_warp: float = 0.0,
         reader_views: Sequence[float] = (0.0,),
+        reader_view_gate: float = 1.0,
     ) -> None:
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
@@ -183,6 +185,8 @@ class FastRCNN(nn.Module):
         if tuple(float(v) for v in reader_views) != (0.0,) and not reader_width:
             raise ValueError(f"reader_views {[float(v) for v in reader_views]} needs a glyph reader (reader_width > 0); "
                              "a network without one reads each glyph from its box features, in one view")
+        if reader_view_gate != 1.0 and not reader_width:
+            raise ValueError("reader_view_gate needs a glyph reader (reader_width > 0)")
         self.config = {
             "arch": "fast",
             "num_classes": num_classes,
@@ -223,6 +227,8 @@ class FastRCNN(nn.Module):
                                reader_channels=list(reader_channels), reader_warp=reader_warp)
             if tuple(reader_views) != (0.0,):  # likewise: checkpoints read in one view unless they say otherwise
                 self.config["reader_views"] = [float(v) for v in reader_views]
+            if reader_view_gate < 1.0:  # and every glyph in every view unless they say otherwise
+                self.config["reader_view_gate"] = float(reader_view_gate)
         if context_layers or reader_width:  # both train on jittered ground-truth boxes
             self.config["context_jitter"] = context_jitter
         self.num_classes = num_classes
@@ -232,7 +238,7 @@ class FastRCNN(nn.Module):
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
         self.box_head = BoxHead(feature_width * roi_size * roi_size, head_width, num_classes)
         self.reader = (GlyphReader(reader_width, reader_crop, reader_margin, num_classes, channels=reader_channels,
-                                   views=reader_views) if reader_width else None)
+                                   views=reader_views, view_gate=reader_view_gate) if reader_width else None)
         self.context = (ContextHead(reader_width or head_width, context_width, context_layers, context_heads,
                                     num_classes) if context_layers else None)
         self.detector_frozen = False  # set by freeze_detector(): training then fits only the reader and context head
