@@ -34,9 +34,10 @@ MODEL3='{"reader_width": 128}'
 EPOCHS4=10; LR4=1.5e-3; SEED4=3
 # phase 5 continues phase 4 (reader and context head only) on a third, longer cosine schedule
 EPOCHS5=30; LR5=1e-3; SEED5=4
-# then the shipped checkpoint: phase 5's weights, their glyph reader reading every crop in three views in eval
-# (upright and turned 7 degrees either way, the mean of its vectors; no training, see captcha-queue reconfigure)
-VIEWS='{"reader_views": [0.0, 7.0, -7.0]}'
+# then the shipped checkpoint: phase 5's weights, their glyph reader reading in eval every crop upright and, where
+# that view's top class probability is below 0.95, also turned 7 degrees either way (the mean of its vectors; no
+# training, see captcha-queue reconfigure)
+VIEWS='{"reader_views": [0.0, 7.0, -7.0], "reader_view_gate": 0.95}'
 
 mkdir -p "$WORK"
 [ -d "$WORK/train" ] || $CQ synth "$WORK/train" --count $TRAIN_COUNT --seed $TRAIN_SEED --quiet
