@@ -229,8 +229,9 @@ def test_reconfigure_changes_decode_settings_and_keeps_weights_and_metadata(imag
 def test_every_decode_setting_is_a_network_setting_that_leaves_the_weights_alone() -> None:
     """``reconfigure_checkpoint`` trusts DECODE_SETTINGS: each must be a real argument of the network, recorded in its
     model_config, and must not change a single tensor name, shape or value."""
-    values = {"reader_views": [0.0, 5.0, -5.0], "reader_view_gate": 0.8, "score_thresh": 0.3, "nms_thresh": 0.2, "cross_class_nms_thresh": 0.4,
-              "containment_thresh": 0.6, "detections_per_img": 5, "rpn_pre_nms_top_n_test": 50,
+    values = {"reader_views": [0.0, 5.0, -5.0], "reader_view_gate": 0.8, "score_thresh": 0.3, "nms_thresh": 0.2,
+              "cross_class_nms_thresh": 0.4, "containment_thresh": 0.6, "detections_per_img": 5,
+              "rpn_pre_nms_top_n_test": 50,
               "rpn_post_nms_top_n_test": 20}
     assert set(values) == DECODE_SETTINGS
     config = {**TINY, "reader_width": 8}

@@ -233,7 +233,8 @@ def test_a_view_gate_reads_only_the_unsure_glyphs_in_every_view() -> None:
     with pytest.raises(ValueError, match="view gate"):
         GlyphReader(views=(0.0, 5.0), view_gate=0.0)
     # the network records a gate only when it has one, and only a network with a reader takes it
-    assert build_model("fast", **READER, reader_views=[0, 6, -6], reader_view_gate=0.9).config["reader_view_gate"] == 0.9
+    gated_net = build_model("fast", **READER, reader_views=[0, 6, -6], reader_view_gate=0.9)
+    assert gated_net.config["reader_view_gate"] == 0.9
     assert "reader_view_gate" not in build_model("fast", **READER, reader_views=[0, 6, -6]).config
     with pytest.raises(ValueError, match="needs a glyph reader"):
         build_model("fast", **TINY, reader_view_gate=0.9)

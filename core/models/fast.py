@@ -182,8 +182,9 @@ class FastRCNN(nn.Module):
         super().__init__()
         if len(widths) != 3 or len(depths) != 2:
             raise ValueError("widths needs 3 entries (stem, stage1, stage2) and depths 2 (stage1, stage2)")
-        if tuple(float(v) for v in reader_views) != (0.0,) and not reader_width:
-            raise ValueError(f"reader_views {[float(v) for v in reader_views]} needs a glyph reader (reader_width > 0); "
+        reader_views = tuple(float(v) for v in reader_views)
+        if reader_views != (0.0,) and not reader_width:
+            raise ValueError(f"reader_views {list(reader_views)} needs a glyph reader (reader_width > 0); "
                              "a network without one reads each glyph from its box features, in one view")
         if reader_view_gate != 1.0 and not reader_width:
             raise ValueError("reader_view_gate needs a glyph reader (reader_width > 0)")
@@ -225,8 +226,8 @@ class FastRCNN(nn.Module):
         if reader_width:  # likewise for the glyph reader
             self.config.update(reader_width=reader_width, reader_crop=reader_crop, reader_margin=reader_margin,
                                reader_channels=list(reader_channels), reader_warp=reader_warp)
-            if tuple(reader_views) != (0.0,):  # likewise: checkpoints read in one view unless they say otherwise
-                self.config["reader_views"] = [float(v) for v in reader_views]
+            if reader_views != (0.0,):  # likewise: checkpoints read in one view unless they say otherwise
+                self.config["reader_views"] = list(reader_views)
             if reader_view_gate < 1.0:  # and every glyph in every view unless they say otherwise
                 self.config["reader_view_gate"] = float(reader_view_gate)
         if context_layers or reader_width:  # both train on jittered ground-truth boxes

@@ -93,20 +93,19 @@ class GlyphReader(nn.Module):
         if self.training or self.views == (0.0,):
             return self.embed(self.crops(images, boxes, image, warp))
         k, v = len(boxes), len(self.views)
-        if self.view_gate >= 1.0 or k == 0:
-            turns = rotations(self.views, boxes.device).repeat_interleave(k, dim=0)  # [V * K, 2, 2], view-major
-            crops = self._crops(images, boxes.repeat(v, 1), image.repeat(v), turns)
-            return self.embed(crops).view(v, k, self.fc.out_features).mean(dim=0)
         first = self.embed(self._crops(images, boxes, image, rotations(self.views[:1], boxes.device).expand(k, 2, 2)))
-        unsure = (self.predict(first).softmax(dim=1).amax(dim=1) < self.view_gate).nonzero().squeeze(1)
-        if len(unsure) == 0:
-            return first
+        if self.view_gate >= 1.0:
+            unsure = torch.arange(k, device=boxes.device)
+        else:
+            unsure = (self.predict(first).softmax(dim=1).amax(dim=1) < self.view_gate).nonzero().squeeze(1)
         u = len(unsure)
-        turns = rotations(self.views[1:], boxes.device).repeat_interleave(u, dim=0)  # [(V - 1) * U, 2, 2]
+        if u == 0:
+            return first
+        turns = rotations(self.views[1:], boxes.device).repeat_interleave(u, dim=0)  # [(V - 1) * U, 2, 2], view-major
         crops = self._crops(images, boxes[unsure].repeat(v - 1, 1), image[unsure].repeat(v - 1), turns)
-        others = self.embed(crops).view(v - 1, u, -1)
+        others = self.embed(crops).view(v - 1, u, -1).sum(dim=0).to(first.dtype)
         hidden = first.clone()
-        hidden[unsure] = (first[unsure] + others.sum(dim=0).to(first.dtype)) / v
+        hidden[unsure] = (first[unsure] + others) / v
         return hidden
 
     def crops(self, images: Tensor, boxes: Tensor, image: Tensor, warp: float = 0.0) -> Tensor:
