@@ -6,6 +6,10 @@ lower-case ``o`` is shorter than its neighbours, a capital ``O`` or a ``0`` is n
 their neighbours, box width over height.
 
     python bench/real_errors.py --images runs/real/val --checkpoint runs/real/reader/fast.safetensors
+
+With ``--labels`` (boxes of the same images, e.g. ``captcha-queue autolabel runs/real/val --out runs/real/val-labels``,
+colour only) it also reads every labelled image on those boxes (``Detector.read_boxes``) and splits the errors
+between the detector (wrong only with its own boxes) and the reading (wrong on the given boxes too).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import collections
 import statistics
 from pathlib import Path
 
+from PIL import Image
+
 from core.detector import Detector
-from core.formats import list_images, text_from_filename
+from core.formats import LabelError, list_images, read_yolo_labels, text_from_filename
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -31,10 +37,12 @@ def main() -> None:
     parser.add_argument("--images", required=True, type=Path)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--labels", type=Path, default=None, help="boxes of the images (seed layout) to read on")
     args = parser.parse_args()
 
     paths = [p for p in list_images(args.images) if text_from_filename(p)]
-    predictions = Detector.load(args.checkpoint, device=args.device).predict(paths)
+    detector = Detector.load(args.checkpoint, device=args.device)
+    predictions = detector.predict(paths)
     outcome = collections.Counter()
     confusions = collections.Counter()
     height = collections.defaultdict(list)  # (true char, read right) -> box height / the image's median height
@@ -63,6 +71,38 @@ def main() -> None:
         label = f"'{key[0]}' read {'right' if key[1] else 'wrong'}"
         print(f"  {label}: {len(height[key])} glyphs, height / median {quantiles(height[key])}; "
               f"{len(aspect[key])} as tall as their neighbours, width / height {quantiles(aspect[key])}")
+
+    if args.labels is not None:
+        given_boxes(detector, paths, predictions, args.labels)
+
+
+def given_boxes(detector: Detector, paths: list[Path], predictions: list, labels: Path) -> None:
+    """Read the images that have a label file on its boxes; print how the errors split."""
+    kept, boxes = [], []
+    for path in paths:
+        with Image.open(path) as img:
+            width, height = img.size
+        try:
+            boxes.append(read_yolo_labels(labels / f"{path.stem}.txt", text_from_filename(path), width, height)[0])
+        except LabelError:
+            continue
+        kept.append(path)
+    read = dict(zip(kept, detector.read_boxes(kept, boxes)))
+    both = collections.Counter()
+    confusions = collections.Counter()
+    for path, prediction in zip(paths, predictions):
+        if path in read:
+            text = text_from_filename(path).lower()
+            both[prediction.text == text, read[path] == text] += 1
+            confusions.update((a, b) for a, b in zip(text, read[path]) if a != b)
+    n = len(kept)
+    print(f"on the given boxes ({n} of {len(paths)} images have them): read right {both[True, True] + both[False, True]}"
+          f" ({100 * (both[True, True] + both[False, True]) / max(n, 1):.1f}%), with the detector's own boxes "
+          f"{both[True, True] + both[True, False]} ({100 * (both[True, True] + both[True, False]) / max(n, 1):.1f}%); "
+          f"wrong both ways {both[False, False]}, only with the detector's boxes {both[False, True]}, only on the "
+          f"given boxes {both[True, False]}")
+    print("confusions on the given boxes (true -> read):",
+          ", ".join(f"{a}->{b} {k}" for (a, b), k in confusions.most_common(15)))
 
 
 if __name__ == "__main__":

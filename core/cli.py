@@ -281,6 +281,8 @@ def synth(
     out_dir: Path = typer.Argument(..., help="Folder to write images/ and labels/ into (created if missing)."),
     count: int = typer.Option(10_000, "--count", "-n", min=0, help="Number of CAPTCHAs to write."),
     seed: int = typer.Option(0, "--seed", "-s", help="Same seed, same files (byte for byte)."),
+    start: int = typer.Option(0, "--start", min=0,
+                              help="First image index: continue a set of this seed with images it does not have."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="Processes (default: CPU cores)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -289,9 +291,9 @@ def synth(
 
     from core.synth import generate
 
-    start = time.perf_counter()
-    written = generate(out_dir, count, seed=seed, workers=workers, progress=not quiet)
-    elapsed = time.perf_counter() - start
+    began = time.perf_counter()
+    written = generate(out_dir, count, seed=seed, workers=workers, progress=not quiet, start=start)
+    elapsed = time.perf_counter() - began
     rate = written / max(elapsed, 1e-9)
     typer.echo(f"wrote {written} images to {out_dir} in {elapsed:.1f} s ({rate:.0f} images/s)")
 

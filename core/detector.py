@@ -128,5 +128,27 @@ class Detector:
         tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
         return [prediction_from_detections(d) for d in detect(self.model, tensors, batch_size, self.device, self.precision)]
 
+    def read_boxes(self, images: Sequence[Image.Image | str | os.PathLike],
+                   boxes: Sequence[Sequence[Sequence[float]]], batch_size: int = 32) -> list[str]:
+        """The text the network reads from given character boxes instead of its own detections: one box list per
+        image (``[x1, y1, x2, y2]`` in its pixels, in reading order), one string per image, a character per box.
+        With the true boxes this is what a perfect detector would leave to the reading (the glyph reader and the
+        context head), so comparing it with ``predict`` splits the errors between finding and naming. Only networks
+        that can read given boxes (``fast``) can; others raise ``ValueError``."""
+        if not hasattr(self.model, "read_boxes"):
+            raise ValueError(f"the {self.metadata.get('arch', 'loaded')} network cannot read given boxes")
+        if len(boxes) != len(images):
+            raise ValueError(f"got {len(boxes)} box lists for {len(images)} images")
+        texts: list[str] = []
+        for start in range(0, len(images), batch_size):
+            tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)).to(self.device)
+                       for img in images[start : start + batch_size]]
+            chunk = [torch.as_tensor(b, dtype=torch.float32, device=self.device).reshape(-1, 4)
+                     for b in boxes[start : start + batch_size]]
+            with torch.inference_mode(), autocast(self.precision, self.device):
+                logits = self.model.read_boxes(tensors, chunk)
+            texts.extend("".join(CHARS[int(k)] for k in x.argmax(dim=1)) for x in logits)
+        return texts
+
     def __repr__(self) -> str:
         return f"Detector(version={self.version!r}, checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r}, precision={self.precision!r})"

@@ -389,20 +389,26 @@ def _default_workers() -> int:
 
 
 def generate(
-    out_dir: str | os.PathLike, count: int, seed: int = 0, workers: int | None = None, progress: bool = True
+    out_dir: str | os.PathLike, count: int, seed: int = 0, workers: int | None = None, progress: bool = True,
+    start: int = 0,
 ) -> int:
-    """Write ``count`` CAPTCHAs to ``out_dir/images/<text>-<index>.png`` with YOLO boxes in ``out_dir/labels``.
+    """Write ``count`` CAPTCHAs to ``out_dir/images/<text>-<index>.png`` with YOLO boxes in ``out_dir/labels``,
+    indices ``start`` to ``start + count - 1``.
 
-    Image ``index`` depends only on ``(seed, index)``. ``workers`` processes render in parallel (default: the
-    usable CPU cores; 1 renders in this process). Returns the number of images written.
+    Image ``index`` depends only on ``(seed, index)``, so ``start`` continues a set: ``count=N, start=M`` writes the
+    files that ``count=M + N`` would add to ``count=M`` of the same seed (more training data that has never been seen).
+    ``workers`` processes render in parallel (default: the usable CPU cores; 1 renders in this process). Returns the
+    number of images written.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers or _default_workers(), max(count, 1)))
-    jobs = ((out, seed, i) for i in range(count))
+    jobs = ((out, seed, i) for i in range(start, start + count))
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

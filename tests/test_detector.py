@@ -168,3 +168,26 @@ def test_shipped_checkpoint_reads_fresh_synthetic_captchas(monkeypatch) -> None:
     # as good as the validation accuracy recorded at training time, give or take the sampling of 40 images
     assert s.sequence_accuracy >= meta["metrics"]["val_sequence_accuracy"] - 0.15
     assert s.character_accuracy >= meta["metrics"]["val_character_accuracy"] - 0.1
+
+
+def test_read_boxes_reads_the_true_boxes_and_gives_back_predicts_own_text(tmp_path: Path) -> None:
+    from core.charset import CHARS
+    from core.checkpoint import default_checkpoint_path
+
+    det = Detector.load(default_checkpoint_path(), device="cpu")
+    rng = random.Random(20240602)
+    texts = ["".join(rng.choice(CHARS) for _ in range(rng.randint(4, 8))) for _ in range(16)]
+    rendered = [render_captcha(t, rng) for t in texts]
+    images = [img for img, _ in rendered]
+    read = det.read_boxes(images, [boxes for _, boxes in rendered], batch_size=5)
+    assert [len(r) for r in read] == [len(t) for t in texts]  # one character per given box, in their order
+    assert sum(r == t for r, t in zip(read, texts)) >= 12  # the shipped reader names most glyphs on true boxes
+    # on the boxes predict found, the reading is predict's own
+    predictions = det.predict(images)
+    again = det.read_boxes(images, [[c.box for c in p.chars] for p in predictions])
+    assert again == [p.text for p in predictions]
+    with pytest.raises(ValueError, match="box lists"):
+        det.read_boxes(images, [])
+    seed = Detector.load(save_checkpoint(build_model("seed", num_classes=36), tmp_path / "seed.safetensors"))
+    with pytest.raises(ValueError, match="cannot read given boxes"):
+        seed.read_boxes(images[:1], [rendered[0][1]])

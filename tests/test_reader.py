@@ -69,14 +69,30 @@ def test_the_reader_learns_to_name_the_glyphs_of_its_training_images() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        batch, _ = model.transform(images)
-        scaled = [t["boxes"] * batch.scales[i].repeat(2) for i, t in enumerate(targets)]
-        image = torch.cat([torch.full((len(b),), i) for i, b in enumerate(scaled)])
-        logits = model.reader.predict(model.reader.embed(model.reader.crops(batch.tensors, torch.cat(scaled), image)))
+    logits = model.eval().read_boxes(images, [t["boxes"] for t in targets])  # the true boxes, original pixels
+    assert [len(x) for x in logits] == [len(t["labels"]) for t in targets]
     truth = torch.cat([t["labels"] for t in targets])
-    assert torch.equal(logits.argmax(dim=1), truth)
+    assert torch.equal(torch.cat(logits).argmax(dim=1), truth)
+
+
+@pytest.mark.parametrize("config", [READER, {**READER, "context_layers": 0}, {**TINY, "context_layers": 1,
+                                                                           "context_width": 16, "context_heads": 2}],
+                         ids=["reader+context", "reader", "context"])
+def test_read_boxes_gives_back_the_labels_of_evals_own_detections(config) -> None:
+    torch.manual_seed(0)
+    model = build_model("fast", **config, score_thresh=0.0, reader_views=[0, 6, -6] if "reader_width" in config
+                        else [0]).eval()
+    images, _, _ = captchas(3, seed=6, max_width=300)
+    with torch.no_grad():
+        detections = model(images)
+    assert sum(len(d["boxes"]) for d in detections) > 0
+    logits = model.read_boxes(images, [d["boxes"] for d in detections])
+    for d, x in zip(detections, logits):
+        assert x.shape == (len(d["boxes"]), 36) and x.dtype == torch.float32
+        assert torch.equal(x.argmax(dim=1), d["labels"])
+    assert [len(x) for x in model.read_boxes(images[:1], [torch.zeros(0, 4)])] == [0]  # an image without boxes
+    with pytest.raises(ValueError, match="box lists"):
+        model.read_boxes(images, [])
 
 
 def test_reader_channels_set_its_cnn_and_a_new_reader_starts_fresh_with_its_context_head() -> None:

@@ -76,6 +76,11 @@ def test_generate_reproducible_and_labelled(tmp_path: Path) -> None:
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     assert a == b, "same seed must give byte-identical files whatever the number of workers"
     assert set(a) != set(c) and a.keys().isdisjoint(c.keys())
+    # --start continues the set: images 8-11 alone are the same files as the last four of the twelve
+    assert generate(tmp_path / "d", 4, seed=3, workers=1, progress=False, start=8) == 4
+    d = _files(tmp_path / "d")
+    assert len(d) == 8 and all(a[name] == data for name, data in d.items())
+    assert sorted(int(Path(n).stem.rsplit("-", 1)[1]) for n in d if n.startswith("images")) == [8, 9, 10, 11]
 
     images = sorted((tmp_path / "a" / "images").iterdir())
     assert len(images) == 12 and len({p.name for p in images}) == 12

@@ -278,6 +278,24 @@ class FastRCNN(nn.Module):
         boxes = clip_boxes(boxes, batch.sizes[image, 0], batch.sizes[image, 1])  # the reread works in batch pixels
         return self._reread(features, batch, select_detections(log_probs, boxes, image, **options))
 
+    @torch.no_grad()
+    def read_boxes(self, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Tensor]:
+        """Character logits ``[N_i, num_classes]`` (float32) for given boxes ``[N_i, 4]`` (x1, y1, x2, y2, original
+        pixels) of ``images`` (list of ``Tensor[3, H_i, W_i]`` RGB in [0, 1]), read as eval ``forward`` reads its own
+        detections: by the glyph reader (in its views) where there is one, else by the box head, then corrected by
+        the context head where there is one. Given the boxes eval ``forward`` returned, a network with a reader or a
+        context head gives back their labels. Used to measure the reading apart from the finding (true boxes in)."""
+        if len(boxes) != len(images):
+            raise ValueError(f"got {len(boxes)} box lists for {len(images)} images")
+        targets = [{"boxes": b, "labels": torch.zeros(len(b), dtype=torch.int64)} for b in boxes]
+        batch, targets = self.transform(images, targets)
+        padded, _, mask = pad_targets(targets, batch.tensors.device)
+        features = None
+        if self.reader is None:
+            features = self.backbone(batch.tensors.contiguous(memory_format=torch.channels_last))
+        _, _, logits = self._read(features, batch, padded, mask)
+        return list(logits.split(mask.sum(dim=1).tolist()))
+
     @staticmethod
     def stale_prefixes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, ...]:
         """Prefixes of the weights that cannot carry over from a network built with settings ``old`` into one built
