@@ -3,12 +3,8 @@
 Two labellers, both checked against the known text; an image gets a label file only when one of them accounts for
 exactly ``len(text)`` characters:
 
-* ``colour_boxes`` (no model): in this family every glyph has its own flat colour on white, crossed by thin black
-  lines. Ink is every pixel away from white; thin pure-dark structures (the lines) are removed; connected pieces are
-  split where they hold several colours; pieces of one colour that touch or overlap horizontally are merged (broken
-  strokes, the dot of an ``i``, hatched glyphs); specks are dropped. Colour is the direction of ``255 - rgb``, which
-  anti-aliasing against white leaves unchanged. A box is the bounding box of its glyph's own pixels, never of the
-  lines (the convention of ``core.synth``).
+* ``colour_boxes`` (no model, ``core.segment``): in this family every glyph has its own flat colour on white, crossed
+  by thin black lines; the segmentation must find exactly as many glyphs as the text has characters.
 * ``match_text`` (a trained detector): the detections, left to right, must contain the text as a subsequence; the
   best-scoring such subsequence gives the boxes, and any detection left over must be a weak or overlapping duplicate.
 
@@ -28,153 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image
 
 from core.charset import encode
 from core.formats import list_images, text_from_filename, write_yolo_labels
 from core.images import ImageError, load_image
+from core.segment import Box, colour_boxes
 
 if TYPE_CHECKING:
     from core.detector import Prediction
 
 log = logging.getLogger(__name__)
-
-Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
-
-INK = 10.0  # |255 - rgb| above this is ink
-LINE_DARK = 50  # a pixel whose brightest channel is below this may belong to a line
-SPLIT_ANGLE = 12.0  # degrees between two colours for a connected piece to be cut in two
-MERGE_ANGLE = 10.0  # degrees within which two pieces count as one colour
-_EIGHT = np.ones((3, 3), dtype=bool)
-
-
-@dataclass
-class _Piece:
-    """Pixels of one colour: coordinates, colour direction ``[3]`` (unit), ink mass and bounding box."""
-
-    ys: np.ndarray
-    xs: np.ndarray
-    colour: np.ndarray
-    mass: float
-
-    @property
-    def box(self) -> Box:
-        return float(self.xs.min()), float(self.ys.min()), float(self.xs.max() + 1), float(self.ys.max() + 1)
-
-    def merged(self, other: _Piece) -> _Piece:
-        mass = self.mass + other.mass
-        colour = _unit(self.colour * self.mass + other.colour * other.mass)
-        return _Piece(np.concatenate((self.ys, other.ys)), np.concatenate((self.xs, other.xs)), colour, mass)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
-
-
-def _colour_modes(u: np.ndarray, w: np.ndarray, depth: int = 4) -> list[np.ndarray]:
-    """Colour directions in ``u [P, 3]`` (unit vectors, weights ``w [P]``) by recursive 2-means: a cluster is cut
-    while its two halves differ by more than ``SPLIT_ANGLE`` and each holds at least 6 pixels and 8% of them."""
-    centre = _unit((u * w[:, None]).sum(0))
-    if depth == 0 or len(u) < 12:
-        return [centre]
-    a = u[np.argmin(u @ centre)]  # the pixel least like the mean, then the one least like it
-    b = u[np.argmin(u @ a)]
-    centres = np.stack((a, b))
-    for _ in range(8):
-        nearest = np.argmax(u @ centres.T, axis=1)
-        if not (nearest == 0).any() or not (nearest == 1).any():
-            return [centre]
-        centres = np.stack([_unit((u[nearest == k] * w[nearest == k, None]).sum(0)) for k in range(2)])
-    if centres[0] @ centres[1] > np.cos(np.radians(SPLIT_ANGLE)):
-        return [centre]
-    nearest = np.argmax(u @ centres.T, axis=1)
-    counts = np.bincount(nearest, minlength=2)
-    if counts.min() < max(6, 0.08 * len(u)):
-        return [centre]
-    return [c for k in range(2) for c in _colour_modes(u[nearest == k], w[nearest == k], depth - 1)]
-
-
-def _pieces(rgb: np.ndarray) -> list[_Piece]:
-    """Single-colour connected pieces of ink in ``rgb [H, W, 3]`` uint8 (composited on white), lines removed."""
-    from scipy import ndimage as ndi
-
-    ink_vec = 255.0 - rgb.astype(np.float32)
-    mag = np.linalg.norm(ink_vec, axis=2)
-    direction = ink_vec / np.maximum(mag, 1e-6)[..., None]
-    dark = rgb.max(axis=2) < LINE_DARK
-    thick = ndi.binary_dilation(ndi.binary_opening(dark, structure=_EIGHT), structure=_EIGHT) & dark
-    ink = (mag > INK) & ~(dark & ~thick)  # thin dark structures are lines
-    labels, _ = ndi.label(ink, structure=_EIGHT)
-    pieces: list[_Piece] = []
-    for index, region in enumerate(ndi.find_objects(labels), start=1):
-        if region is None:
-            continue
-        ys, xs = np.nonzero(labels[region] == index)
-        ys, xs = ys + region[0].start, xs + region[1].start
-        u, m = direction[ys, xs], mag[ys, xs]
-        core = m >= 2 * INK
-        modes = _colour_modes(u[core], m[core]) if core.sum() >= 12 else [_unit((u * m[:, None]).sum(0))]
-        if len(modes) == 1:
-            pieces.append(_Piece(ys, xs, modes[0], float(m.sum())))
-            continue
-        nearest = np.argmax(u @ np.stack(modes).T, axis=1)
-        for k, mode in enumerate(modes):
-            sub = np.zeros(rgb.shape[:2], dtype=bool)
-            sub[ys[nearest == k], xs[nearest == k]] = True
-            sub_labels, count = ndi.label(sub, structure=_EIGHT)
-            for j in range(1, count + 1):
-                py, px = np.nonzero(sub_labels == j)
-                pieces.append(_Piece(py, px, mode, float(mag[py, px].sum())))
-    return pieces
-
-
-def _belong_together(a: _Piece, b: _Piece) -> bool:
-    """Same colour, and touching (gap of at most 2 px) or overlapping by half the narrower one's width."""
-    if float(a.colour @ b.colour) < np.cos(np.radians(MERGE_ANGLE)):
-        return False
-    ax1, ay1, ax2, ay2 = a.box
-    bx1, by1, bx2, by2 = b.box
-    if max(bx1 - ax2, ax1 - bx2) <= 2 and max(by1 - ay2, ay1 - by2) <= 2:
-        return True
-    overlap = min(ax2, bx2) - max(ax1, bx1)
-    return overlap >= 0.5 * max(1.0, min(ax2 - ax1, bx2 - bx1))
-
-
-def colour_boxes(image: Image.Image | np.ndarray, length: int) -> list[Box] | None:
-    """Boxes of the ``length`` characters of ``image`` by colour segmentation, left to right; None unless exactly
-    ``length`` glyphs are found (specks far smaller than the typical glyph are dropped first)."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
-    pieces = _pieces(rgb)
-    if not pieces:
-        return None
-    biggest = max(p.mass for p in pieces)
-    pieces = [p for p in pieces if len(p.ys) >= 3 and p.mass >= 0.01 * biggest]
-    pieces = _merge_all(pieces)
-    if len(pieces) > length:
-        mass = float(np.median([p.mass for p in pieces]))
-        size = float(np.median([len(p.ys) for p in pieces]))
-        pieces = [p for p in pieces if p.mass >= 0.08 * mass and len(p.ys) >= 0.15 * size]
-    if len(pieces) != length:
-        return None
-    return sorted((p.box for p in pieces), key=lambda b: b[0] + b[2])
-
-
-def _merge_all(pieces: list[_Piece]) -> list[_Piece]:
-    """Repeatedly merge the most similar pair of pieces that belong together."""
-    pieces = list(pieces)
-    while True:
-        best: tuple[float, int, int] | None = None
-        for i in range(len(pieces)):
-            for j in range(i + 1, len(pieces)):
-                if _belong_together(pieces[i], pieces[j]):
-                    similarity = float(pieces[i].colour @ pieces[j].colour)
-                    if best is None or similarity > best[0]:
-                        best = (similarity, i, j)
-        if best is None:
-            return pieces
-        _, i, j = best
-        pieces[i] = pieces[i].merged(pieces.pop(j))
 
 
 def _overlaps(a: Box, b: Box, iou: float = 0.3) -> bool:
