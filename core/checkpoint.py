@@ -212,7 +212,7 @@ def load_checkpoint(
 # set them on a checkpoint without training
 DECODE_SETTINGS = frozenset({
     "reader_views", "reader_view_gate", "score_thresh", "nms_thresh", "cross_class_nms_thresh", "containment_thresh",
-    "detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+    "detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_source",
 })
 
 

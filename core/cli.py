@@ -201,7 +201,7 @@ def reconfigure(
     set_: str = typer.Option(..., "--set", help='JSON object of decode settings, e.g. \'{"reader_views": [0, 7, -7]}\''),
     out: Path = typer.Option(..., help="Checkpoint to write (the same weights, the new settings)"),
 ) -> None:
-    """Change a checkpoint's decode settings (glyph reader views, score and NMS thresholds) without training."""
+    """Change a checkpoint's decode settings (glyph reader views, score and NMS thresholds, box source) without training."""
     import json
 
     from core.checkpoint import CheckpointError, reconfigure_checkpoint

@@ -49,8 +49,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float Tensor[3, H, W] in [0, 1]."""
-    arr = np.asarray(to_rgb(img), dtype=np.uint8)
+    """PIL image (any mode; RGBA composited on white) -> RGB float Tensor[3, H, W] in [0, 1]."""
+    return _array_to_tensor(_rgb_array(img))
+
+
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(to_rgb(img), dtype=np.uint8)
+
+
+def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -91,6 +98,15 @@ def prediction_from_detections(det: dict[str, torch.Tensor]) -> Prediction:
     return Prediction(text="".join(c.char for c in chars), chars=chars, score=score)
 
 
+def _prediction_from_probs(boxes: Sequence[Sequence[float]], probs: torch.Tensor) -> Prediction:
+    """The ``Prediction`` for given boxes (left to right) read with class probabilities ``probs [N, num_classes]``."""
+    top, labels = probs.max(dim=1)
+    chars = tuple(Char(index=k, char=CHARS[int(label)], box=tuple(float(v) for v in box), score=float(score))
+                  for k, (box, label, score) in enumerate(zip(boxes, labels.tolist(), top.tolist())))
+    score = float(top.mean()) if len(chars) else 0.0
+    return Prediction(text="".join(c.char for c in chars), chars=chars, score=score)
+
+
 class Detector:
     """A checkpoint loaded for inference. Build with ``Detector.load``."""
 
@@ -119,14 +135,64 @@ class Detector:
         model, meta = load_checkpoint(path, device=dev)
         return cls(model, path, meta, dev, precision)
 
+    @property
+    def box_source(self) -> str:
+        """Where the characters' boxes come from: ``"detector"``, ``"colour"`` or ``"both"`` (see ``predict``); a
+        decode setting of the checkpoint (``model_config["box_source"]``)."""
+        return getattr(self.model, "box_source", "detector")
+
     def predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
         """Decode ``images`` (PIL images or paths); one ``Prediction`` per input, same order.
 
         Paths are read with ``core.images.load_image``; an unreadable one raises ``ImageError`` (callers that need a
         per-image failure load the images themselves and pass PIL images).
+
+        ``box_source`` (a decode setting of the checkpoint) says where the characters' boxes come from, for
+        CAPTCHAs that give every character its own colour and networks trained on labels from the same segmentation
+        (``autolabel``): ``"detector"``, the network's own detections; ``"colour"``, the glyphs found by colour
+        segmentation (``core.segment.colour_segments``) read by the network (``read_boxes``), the detector only for
+        images where the segmentation finds nothing (or more than ``detections_per_img``); ``"both"``, each image
+        read both ways, the colour reading kept where the two find as many characters or where its mean character
+        probability is at least the detections' mean score. Characters read on colour boxes score their class
+        probability.
         """
-        tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
-        return [prediction_from_detections(d) for d in detect(self.model, tensors, batch_size, self.device, self.precision)]
+        arrays = [_rgb_array(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
+        tensors = [_array_to_tensor(a) for a in arrays]
+        source = self.box_source
+        segments: dict[int, list] = {}
+        if source in ("colour", "both"):
+            from core.segment import colour_segments
+
+            limit = int(self.model.config.get("detections_per_img", 100))
+            segments = {i: boxes for i, a in enumerate(arrays) if 0 < len(boxes := colour_segments(a)) <= limit}
+        coloured = list(segments)
+        probs = self._read_probs([tensors[i] for i in coloured], [segments[i] for i in coloured], batch_size)
+        by_colour = {i: _prediction_from_probs(segments[i], p) for i, p in zip(coloured, probs)}
+        detected = [i for i in range(len(arrays)) if source != "colour" or i not in by_colour]
+        dets = detect(self.model, [tensors[i] for i in detected], batch_size, self.device, self.precision)
+        predictions: list[Prediction | None] = [None] * len(arrays)
+        for i, d in zip(detected, dets):
+            predictions[i] = prediction_from_detections(d)
+        for i, colour in by_colour.items():
+            own = predictions[i]
+            if own is None or len(colour.chars) == len(own.chars) or colour.score >= own.score:
+                predictions[i] = colour
+        return predictions  # type: ignore[return-value]
+
+    def _read_probs(self, tensors: Sequence[torch.Tensor], boxes: Sequence[Sequence[Sequence[float]]],
+                    batch_size: int) -> list[torch.Tensor]:
+        """Class probabilities ``[N_i, num_classes]`` (float32, CPU) of the network reading ``boxes[i]`` (pixels) of
+        ``tensors[i]``, in width-grouped batches; input order."""
+        order = sorted(range(len(tensors)), key=lambda i: (tensors[i].shape[-1], tensors[i].shape[-2]))
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            given = [torch.as_tensor(boxes[i], dtype=torch.float32, device=self.device).reshape(-1, 4) for i in chunk]
+            with torch.inference_mode(), autocast(self.precision, self.device):
+                logits = self.model.read_boxes([tensors[i].to(self.device) for i in chunk], given)
+            for i, x in zip(chunk, logits):
+                out[i] = x.float().softmax(dim=1).cpu()
+        return out  # type: ignore[return-value]
 
     def read_boxes(self, images: Sequence[Image.Image | str | os.PathLike],
                    boxes: Sequence[Sequence[Sequence[float]]], batch_size: int = 32) -> list[str]:
@@ -139,16 +205,8 @@ class Detector:
             raise ValueError(f"the {self.metadata.get('arch', 'loaded')} network cannot read given boxes")
         if len(boxes) != len(images):
             raise ValueError(f"got {len(boxes)} box lists for {len(images)} images")
-        texts: list[str] = []
-        for start in range(0, len(images), batch_size):
-            tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)).to(self.device)
-                       for img in images[start : start + batch_size]]
-            chunk = [torch.as_tensor(b, dtype=torch.float32, device=self.device).reshape(-1, 4)
-                     for b in boxes[start : start + batch_size]]
-            with torch.inference_mode(), autocast(self.precision, self.device):
-                logits = self.model.read_boxes(tensors, chunk)
-            texts.extend("".join(CHARS[int(k)] for k in x.argmax(dim=1)) for x in logits)
-        return texts
+        tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
+        return ["".join(CHARS[int(k)] for k in p.argmax(dim=1)) for p in self._read_probs(tensors, boxes, batch_size)]
 
     def __repr__(self) -> str:
         return f"Detector(version={self.version!r}, checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r}, precision={self.precision!r})"

@@ -232,7 +232,7 @@ def test_every_decode_setting_is_a_network_setting_that_leaves_the_weights_alone
     values = {"reader_views": [0.0, 5.0, -5.0], "reader_view_gate": 0.8, "score_thresh": 0.3, "nms_thresh": 0.2,
               "cross_class_nms_thresh": 0.4, "containment_thresh": 0.6, "detections_per_img": 5,
               "rpn_pre_nms_top_n_test": 50,
-              "rpn_post_nms_top_n_test": 20}
+              "rpn_post_nms_top_n_test": 20, "box_source": "both"}
     assert set(values) == DECODE_SETTINGS
     config = {**TINY, "reader_width": 8}
     torch.manual_seed(0)

@@ -191,3 +191,39 @@ def test_read_boxes_reads_the_true_boxes_and_gives_back_predicts_own_text(tmp_pa
     seed = Detector.load(save_checkpoint(build_model("seed", num_classes=36), tmp_path / "seed.safetensors"))
     with pytest.raises(ValueError, match="cannot read given boxes"):
         seed.read_boxes(images[:1], [rendered[0][1]])
+
+
+@pytest.mark.parametrize("source", ["colour", "both"])
+def test_box_source_reads_the_colour_segments_and_detects_where_there_are_none(tmp_path: Path, source: str) -> None:
+    from core.charset import CHARS
+    from core.checkpoint import CheckpointError, default_checkpoint_path
+    from core.segment import colour_segments
+
+    plain = Detector.load(default_checkpoint_path(), device="cpu")
+    path = reconfigure_checkpoint(default_checkpoint_path(), tmp_path / f"{source}.safetensors", {"box_source": source})
+    det = Detector.load(path, device="cpu")
+    assert (plain.box_source, det.box_source) == ("detector", source)
+    assert det.version != plain.version  # results read another way are recorded under another version
+    rng = random.Random(20240603)
+    texts = ["".join(rng.choice(CHARS) for _ in range(rng.randint(4, 8))) for _ in range(16)]
+    images = [render_captcha(t, rng)[0] for t in texts]
+    blank = Image.new("RGB", (200, 80), "white")  # nothing to segment: the detector reads it
+    got = det.predict(images + [blank], batch_size=5)
+    own = plain.predict(images + [blank], batch_size=5)
+    assert got[-1] == own[-1]
+    segments = [colour_segments(img) for img in images]
+    read = plain.read_boxes(images, segments)
+    right = 0
+    for i, (prediction, boxes) in enumerate(zip(got[:-1], segments)):
+        by_colour = [c.box for c in prediction.chars] == list(boxes) and prediction.text == read[i]
+        if source == "colour":
+            assert by_colour
+        elif not by_colour:  # "both" keeps the detections only where they disagree in length and score higher
+            assert prediction == own[i] and len(own[i].chars) != len(boxes) and own[i].score > 0
+        if by_colour:
+            assert all(0.0 < c.score <= 1.0 for c in prediction.chars)
+            assert prediction.score == pytest.approx(sum(c.score for c in prediction.chars) / len(boxes))
+        right += prediction.text == texts[i]
+    assert right >= 11  # each character has its own colour here, so the segments are the glyphs
+    with pytest.raises(CheckpointError, match="box_source"):
+        reconfigure_checkpoint(default_checkpoint_path(), tmp_path / "bad.safetensors", {"box_source": "magic"})

@@ -32,6 +32,10 @@ In eval mode BatchNorm is folded into the convolutions and the backbone runs cha
 eval selects detections as without, then reads them again: RoIAlign on the final boxes and box head (foreground
 probability), glyph reader on crops of the input, context head; each label is the final arg-max, its score that
 class's probability times the box's foreground probability.
+
+``box_source`` is a decode setting for ``core.detector.Detector`` rather than for this module: with ``"colour"`` or
+``"both"`` the Detector segments each image by colour (``core.segment.colour_segments``) and has ``read_boxes`` read
+those boxes instead of, or as well as, detecting (see ``Detector.predict``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ from core.models.matching import IGNORE, match, pad_targets, sample
 from core.models.roi_align import roi_align
 from core.models.reader import DEFAULT_CHANNELS as DEFAULT_READER_CHANNELS, GlyphReader
 from core.models.transform import ImageBatch, ImageTransform
+
+# where ``core.detector.Detector`` takes the characters' boxes from (the network's own forward always detects)
+BOX_SOURCES = ("detector", "colour", "both")
 
 
 class Backbone(nn.Module):
@@ -178,8 +185,11 @@ class FastRCNN(nn.Module):
         reader_warp: float = 0.0,
         reader_views: Sequence[float] = (0.0,),
         reader_view_gate: float = 1.0,
+        box_source: str = "detector",
     ) -> None:
         super().__init__()
+        if box_source not in BOX_SOURCES:
+            raise ValueError(f"box_source must be one of {', '.join(BOX_SOURCES)}, got {box_source!r}")
         if len(widths) != 3 or len(depths) != 2:
             raise ValueError("widths needs 3 entries (stem, stage1, stage2) and depths 2 (stage1, stage2)")
         reader_views = tuple(float(v) for v in reader_views)
@@ -232,6 +242,9 @@ class FastRCNN(nn.Module):
                 self.config["reader_view_gate"] = float(reader_view_gate)
         if context_layers or reader_width:  # both train on jittered ground-truth boxes
             self.config["context_jitter"] = context_jitter
+        if box_source != "detector":  # likewise: checkpoints decode their own detections unless they say otherwise
+            self.config["box_source"] = box_source
+        self.box_source = box_source
         self.num_classes = num_classes
         self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
         self.backbone = Backbone(widths, depths, feature_width)
