@@ -8,7 +8,7 @@ anti-aliasing against white leaves unchanged. A box is the bounding box of its g
 lines (the convention of ``core.synth``), as ``(x1, y1, x2, y2)`` in pixels, ``x2``/``y2`` exclusive.
 
 ``colour_boxes(image, length)`` labels an image of known text (``core.autolabel``); ``colour_segments(image)``
-proposes the glyphs of any image (``core.detector`` with ``box_source="colour"``).
+proposes the glyphs of any image (``core.detector`` with ``box_source`` ``"colour"`` or ``"both"``).
 """
 
 from __future__ import annotations
