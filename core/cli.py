@@ -171,6 +171,7 @@ def eval_command(
         "version": detector.version,
         "device": str(detector.device),
         "precision": detector.precision,
+        "box_source": detector.box_source,
         **report.as_dict(top_confusions=confusions),
     }
     if json_output:
@@ -184,6 +185,7 @@ def eval_command(
     table.add_row("sequence accuracy", f"{report.sequence_accuracy:.4f}")
     table.add_row("character accuracy", f"{report.character_accuracy:.4f}")
     table.add_row("images/s", f"{report.images_per_second:.1f} ({detector.device}, {detector.precision})")
+    table.add_row("boxes from", detector.box_source)
     table.add_row("unreadable", str(len(report.unreadable)))
     Console().print(table)
     if summary["top_confusions"]:

@@ -150,6 +150,7 @@ def test_eval_command_prints_one_json_object_with_the_right_accuracy(checkpoint:
     assert report["checkpoint"] == str(checkpoint.resolve())
     assert report["version"] == Detector.load(checkpoint).version
     assert report["precision"] == Detector.load(checkpoint, device="cpu").precision
+    assert report["box_source"] == "detector"
 
     limited = subprocess.run(
         [str(CLI), "eval", "--images", str(folder), "--checkpoint", str(checkpoint), "--json", "--limit", "2",
