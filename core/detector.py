@@ -139,7 +139,7 @@ class Detector:
     def box_source(self) -> str:
         """Where the characters' boxes come from: ``"detector"``, ``"colour"`` or ``"both"`` (see ``predict``); a
         decode setting of the checkpoint (``model_config["box_source"]``)."""
-        return getattr(self.model, "box_source", "detector")
+        return self.model.config.get("box_source", "detector")
 
     def predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
         """Decode ``images`` (PIL images or paths); one ``Prediction`` per input, same order.

@@ -19,6 +19,8 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
+from core.images import to_rgb
+
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
 
 INK = 10.0  # |255 - rgb| above this is ink
@@ -147,7 +149,7 @@ def _without_fragments(pieces: list[_Piece]) -> list[_Piece]:
 
 
 def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
-    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    return np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image, dtype=np.uint8)
 
 
 def colour_boxes(image: Image.Image | np.ndarray, length: int) -> list[Box] | None:

@@ -71,3 +71,13 @@ def postgres_url() -> str:
 @pytest.fixture()
 def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'captcha-queue.db'}"
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """40 synthetic CAPTCHAs with exact boxes (seed 11), in the seed layout: ``images/`` and ``labels/``."""
+    from core.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, 40, seed=11, workers=1, progress=False)
+    return root

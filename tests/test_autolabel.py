@@ -1,4 +1,5 @@
-"""Autolabelling: text-constrained detections, the folder run (seed layout that training reads, stale labels removed, reasons counted) and the command."""
+"""Autolabelling: text-constrained detections, the folder run (seed layout that training reads, stale labels removed,
+reasons counted) and the command."""
 
 from __future__ import annotations
 
@@ -14,23 +15,8 @@ from typer.testing import CliRunner
 from core.autolabel import autolabel, match_text
 from core.cli import app
 from core.detector import Char, Prediction
-from core.formats import LabelledFolder, list_images, read_yolo_labels, text_from_filename
-from core.synth import generate
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    """40 synthetic CAPTCHAs with exact boxes."""
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, 40, seed=11, workers=1, progress=False)
-    return root
-
-
-def truth(root: Path, path: Path) -> list[list[float]]:
-    with Image.open(path) as img:
-        size = img.size
-    boxes, _ = read_yolo_labels(root / "labels" / f"{path.stem}.txt", text_from_filename(path.name), *size)
-    return boxes
+from core.formats import LabelledFolder, list_images
+from sample_data import truth
 
 
 def prediction(*chars: tuple[str, tuple[float, float, float, float], float]) -> Prediction:

@@ -5,30 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
-from core.formats import list_images, read_yolo_labels, text_from_filename
+from core.formats import list_images, text_from_filename
 from core.images import load_image
 from core.segment import colour_boxes, colour_segments
-from core.synth import generate
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    """40 synthetic CAPTCHAs with exact boxes."""
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, 40, seed=11, workers=1, progress=False)
-    return root
-
-
-def truth(root: Path, path: Path) -> list[list[float]]:
-    with Image.open(path) as img:
-        size = img.size
-    boxes, _ = read_yolo_labels(root / "labels" / f"{path.stem}.txt", text_from_filename(path.name), *size)
-    return boxes
+from sample_data import truth
 
 
 def test_colour_boxes_find_the_synthetic_glyphs(synth: Path) -> None:

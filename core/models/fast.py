@@ -244,7 +244,6 @@ class FastRCNN(nn.Module):
             self.config["context_jitter"] = context_jitter
         if box_source != "detector":  # likewise: checkpoints decode their own detections unless they say otherwise
             self.config["box_source"] = box_source
-        self.box_source = box_source
         self.num_classes = num_classes
         self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
         self.backbone = Backbone(widths, depths, feature_width)
