@@ -14,7 +14,9 @@
 # samples as there are real training images, drawn from both), READER_CONFIG (train --model-config of the reader
 # round, default '{"reader_width": 128, "reader_crop": 32}': the reader reads 32 x 32 crops instead of the shipped
 # 24 x 24; '{"reader_width": 128}' keeps them), BOXES (the box_source of the final checkpoint: colour, the default, or
-# both; detector: none written; see "Train on your own CAPTCHAs" in the README).
+# both; detector: none written; see "Train on your own CAPTCHAs" in the README), BOTH_GATE (with BOXES=both, the
+# both_gate of the final checkpoint: detect only where the colour reading has a character below it; default 1: every
+# image).
 # Training runs in bf16 where the CPU has it natively (train --precision auto).
 # Nothing is written outside WORK_DIR (default runs/real, git-ignored): the images are linked, never copied.
 set -euo pipefail
@@ -37,6 +39,7 @@ EMA=${EMA:-0.998}
 SYNTH=${SYNTH:-0}
 READER_CONFIG=${READER_CONFIG:-'{"reader_width": 128, "reader_crop": 32}'}
 BOXES=${BOXES:-colour}
+BOTH_GATE=${BOTH_GATE:-1}
 SYNTH_SEED=${SYNTH_SEED:-5}
 INIT=${INIT:-$(python -c "from core.checkpoint import default_checkpoint_path; print(default_checkpoint_path())")}
 
@@ -137,7 +140,11 @@ stamp "eval $FINAL on the held-out split"
 $CQ eval --images "$WORK/val" --checkpoint "$FINAL" --device cpu --json | tee "$WORK/val.json"
 if [ "$BOXES" != detector ]; then
     # the same weights reading the glyphs that colour segmentation finds (the boxes autolabel trained them on)
-    $CQ reconfigure "$FINAL" --set "{\"box_source\": \"$BOXES\"}" --out "$WORK/$BOXES/fast.safetensors"
+    SETTINGS="{\"box_source\": \"$BOXES\"}"
+    if [ "$BOXES" = both ] && [ "$BOTH_GATE" != 1 ]; then
+        SETTINGS="{\"box_source\": \"both\", \"both_gate\": $BOTH_GATE}"
+    fi
+    $CQ reconfigure "$FINAL" --set "$SETTINGS" --out "$WORK/$BOXES/fast.safetensors"
     FINAL="$WORK/$BOXES/fast.safetensors"
     stamp "eval $FINAL on the held-out split"
     $CQ eval --images "$WORK/val" --checkpoint "$FINAL" --device cpu --json | tee "$WORK/val-$BOXES.json"

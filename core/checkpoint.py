@@ -213,6 +213,7 @@ def load_checkpoint(
 DECODE_SETTINGS = frozenset({
     "reader_views", "reader_view_gate", "score_thresh", "nms_thresh", "cross_class_nms_thresh", "containment_thresh",
     "detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_source",
+    "both_gate",
 })
 
 

@@ -172,6 +172,7 @@ def eval_command(
         "device": str(detector.device),
         "precision": detector.precision,
         "box_source": detector.box_source,
+        **({"both_gate": detector.both_gate} if detector.box_source == "both" else {}),
         **report.as_dict(top_confusions=confusions),
     }
     if json_output:
@@ -185,7 +186,8 @@ def eval_command(
     table.add_row("sequence accuracy", f"{report.sequence_accuracy:.4f}")
     table.add_row("character accuracy", f"{report.character_accuracy:.4f}")
     table.add_row("images/s", f"{report.images_per_second:.1f} ({detector.device}, {detector.precision})")
-    table.add_row("boxes from", detector.box_source)
+    gated = f", detector below {detector.both_gate:g}" if detector.box_source == "both" and detector.both_gate < 1 else ""
+    table.add_row("boxes from", detector.box_source + gated)
     table.add_row("unreadable", str(len(report.unreadable)))
     Console().print(table)
     if summary["top_confusions"]:

@@ -141,6 +141,12 @@ class Detector:
         decode setting of the checkpoint (``model_config["box_source"]``)."""
         return self.model.config.get("box_source", "detector")
 
+    @property
+    def both_gate(self) -> float:
+        """With ``box_source`` ``"both"``: the detector reads an image as well only where the colour reading's least
+        sure character has a probability below this (1.0, the default: every image)."""
+        return float(self.model.config.get("both_gate", 1.0))
+
     def predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
         """Decode ``images`` (PIL images or paths); one ``Prediction`` per input, same order.
 
@@ -153,8 +159,9 @@ class Detector:
         segmentation (``core.segment.colour_segments``) read by the network (``read_boxes``), the detector only for
         images where the segmentation finds nothing (or more than ``detections_per_img``); ``"both"``, each image
         read both ways, the colour reading kept where the two find as many characters or where its mean character
-        probability is at least the detections' mean score. Characters read on colour boxes score their class
-        probability.
+        probability is at least the detections' mean score; with ``both_gate`` below 1, the detector reads only the
+        images whose colour reading has a character below that probability (the others keep the colour reading).
+        Characters read on colour boxes score their class probability.
         """
         arrays = [_rgb_array(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
         tensors = [_array_to_tensor(a) for a in arrays]
@@ -168,7 +175,9 @@ class Detector:
         coloured = list(segments)
         probs = self._read_probs([tensors[i] for i in coloured], [segments[i] for i in coloured], batch_size)
         by_colour = {i: _prediction_from_probs(segments[i], p) for i, p in zip(coloured, probs)}
-        detected = [i for i in range(len(arrays)) if source != "colour" or i not in by_colour]
+        gate = self.both_gate if source == "both" else 0.0  # "colour" detects only where nothing was segmented
+        detected = [i for i in range(len(arrays))
+                    if i not in by_colour or gate >= 1.0 or min(c.score for c in by_colour[i].chars) < gate]
         dets = detect(self.model, [tensors[i] for i in detected], batch_size, self.device, self.precision)
         predictions: list[Prediction | None] = [None] * len(arrays)
         for i, d in zip(detected, dets):

@@ -227,3 +227,34 @@ def test_box_source_reads_the_colour_segments_and_detects_where_there_are_none(t
     assert right >= 11  # each character has its own colour here, so the segments are the glyphs
     with pytest.raises(CheckpointError, match="box_source"):
         reconfigure_checkpoint(default_checkpoint_path(), tmp_path / "bad.safetensors", {"box_source": "magic"})
+
+
+def test_both_gate_detects_only_where_the_colour_reading_is_unsure(tmp_path: Path) -> None:
+    from core.charset import CHARS
+    from core.checkpoint import CheckpointError, default_checkpoint_path
+
+    rng = random.Random(20241202)
+    texts = ["".join(rng.choice(CHARS) for _ in range(rng.randint(4, 8))) for _ in range(12)]
+    images = [render_captcha(t, rng)[0] for t in texts]
+    readers = {}
+    for name, changes in (("colour", {"box_source": "colour"}), ("both", {"box_source": "both"}),
+                          ("gated", {"box_source": "both", "both_gate": 0.9})):
+        readers[name] = Detector.load(reconfigure_checkpoint(default_checkpoint_path(), tmp_path / f"{name}.safetensors",
+                                                             changes), device="cpu")
+    assert (readers["both"].both_gate, readers["gated"].both_gate) == (1.0, 0.9)
+    assert readers["gated"].version != readers["both"].version
+    calls: list[int] = []
+    model = readers["gated"].model
+    original = model.forward
+    model.forward = lambda batch, *a, **k: calls.append(len(batch)) or original(batch, *a, **k)
+    colour, both, gated = (readers[n].predict(images) for n in ("colour", "both", "gated"))
+    unsure = [i for i, p in enumerate(colour) if min(c.score for c in p.chars) < 0.9]
+    assert 0 < len(unsure) < len(images)  # the gate splits this set, so the test tells the two ways apart
+    assert sum(calls) == len(unsure)  # the detector ran on the unsure images only
+    for i in range(len(images)):
+        assert gated[i] == (both[i] if i in unsure else colour[i])
+    with pytest.raises(CheckpointError, match="both_gate"):
+        reconfigure_checkpoint(default_checkpoint_path(), tmp_path / "bad.safetensors", {"both_gate": 0.5})
+    with pytest.raises(CheckpointError, match="both_gate"):
+        reconfigure_checkpoint(default_checkpoint_path(), tmp_path / "bad.safetensors",
+                               {"box_source": "both", "both_gate": 0.0})

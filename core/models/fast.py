@@ -35,7 +35,8 @@ class's probability times the box's foreground probability.
 
 ``box_source`` is a decode setting for ``core.detector.Detector`` rather than for this module: with ``"colour"`` or
 ``"both"`` the Detector segments each image by colour (``core.segment.colour_segments``) and has ``read_boxes`` read
-those boxes instead of, or as well as, detecting (see ``Detector.predict``).
+those boxes instead of, or as well as, detecting (see ``Detector.predict``); ``both_gate`` (below 1, with ``"both"``
+only) detects as well only where the colour reading is unsure.
 """
 
 from __future__ import annotations
@@ -186,10 +187,15 @@ class FastRCNN(nn.Module):
         reader_views: Sequence[float] = (0.0,),
         reader_view_gate: float = 1.0,
         box_source: str = "detector",
+        both_gate: float = 1.0,
     ) -> None:
         super().__init__()
         if box_source not in BOX_SOURCES:
             raise ValueError(f"box_source must be one of {', '.join(BOX_SOURCES)}, got {box_source!r}")
+        if not 0.0 < both_gate <= 1.0:
+            raise ValueError(f"both_gate must be in (0, 1], got {both_gate}")
+        if both_gate < 1.0 and box_source != "both":
+            raise ValueError(f"both_gate needs box_source 'both' (it says when to detect as well), not {box_source!r}")
         if len(widths) != 3 or len(depths) != 2:
             raise ValueError("widths needs 3 entries (stem, stage1, stage2) and depths 2 (stage1, stage2)")
         reader_views = tuple(float(v) for v in reader_views)
@@ -244,6 +250,8 @@ class FastRCNN(nn.Module):
             self.config["context_jitter"] = context_jitter
         if box_source != "detector":  # likewise: checkpoints decode their own detections unless they say otherwise
             self.config["box_source"] = box_source
+        if both_gate < 1.0:  # and, reading both ways, detect in every image unless they say otherwise
+            self.config["both_gate"] = float(both_gate)
         self.num_classes = num_classes
         self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
         self.backbone = Backbone(widths, depths, feature_width)
