@@ -232,14 +232,15 @@ def test_every_decode_setting_is_a_network_setting_that_leaves_the_weights_alone
     values = {"reader_views": [0.0, 5.0, -5.0], "reader_view_gate": 0.8, "score_thresh": 0.3, "nms_thresh": 0.2,
               "cross_class_nms_thresh": 0.4, "containment_thresh": 0.6, "detections_per_img": 5,
               "rpn_pre_nms_top_n_test": 50,
-              "rpn_post_nms_top_n_test": 20, "box_source": "both"}
+              "rpn_post_nms_top_n_test": 20, "box_source": "both", "both_gate": 0.5}
+    needs = {"both_gate": {"box_source": "both"}}  # settings that only mean something with another one
     assert set(values) == DECODE_SETTINGS
     config = {**TINY, "reader_width": 8}
     torch.manual_seed(0)
     reference = build_model("fast", **config).state_dict()
     for key, value in values.items():
         torch.manual_seed(0)
-        model = build_model("fast", **{**config, key: value})
+        model = build_model("fast", **{**config, **needs.get(key, {}), key: value})
         assert model.config[key] == value, key
         state = model.state_dict()
         assert state.keys() == reference.keys(), key
