@@ -166,13 +166,14 @@ def eval_command(
     except (CheckpointError, NotADirectoryError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    gate = detector.both_gate if detector.box_source == "both" else None  # reported only where it applies
     summary = {
         "checkpoint": str(detector.checkpoint_path),
         "version": detector.version,
         "device": str(detector.device),
         "precision": detector.precision,
         "box_source": detector.box_source,
-        **({"both_gate": detector.both_gate} if detector.box_source == "both" else {}),
+        **({"both_gate": gate} if gate is not None else {}),
         **report.as_dict(top_confusions=confusions),
     }
     if json_output:
@@ -186,7 +187,7 @@ def eval_command(
     table.add_row("sequence accuracy", f"{report.sequence_accuracy:.4f}")
     table.add_row("character accuracy", f"{report.character_accuracy:.4f}")
     table.add_row("images/s", f"{report.images_per_second:.1f} ({detector.device}, {detector.precision})")
-    gated = f", detector below {detector.both_gate:g}" if detector.box_source == "both" and detector.both_gate < 1 else ""
+    gated = f", detector below {gate:g}" if gate is not None and gate < 1 else ""
     table.add_row("boxes from", detector.box_source + gated)
     table.add_row("unreadable", str(len(report.unreadable)))
     Console().print(table)
