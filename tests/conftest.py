@@ -2,6 +2,9 @@
 
 Services: tests that need Redis or PostgreSQL use the ``redis_url`` / ``postgres_url`` fixtures. When the service
 does not answer, the test is skipped locally and fails under ``CI=true`` (CI must never silently skip them).
+
+Models: ``checkpoint`` (``sample_models.small_checkpoint``) and ``detector`` (it, loaded on the CPU) are what the
+worker, pipeline and bad-input tests decode with; modules that need another network define their own ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -81,3 +85,17 @@ def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     generate(root, 40, seed=11, workers=1, progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from sample_models import small_checkpoint
+
+    return small_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint):
+    from core.detector import Detector
+
+    return Detector.load(checkpoint, device="cpu")

@@ -19,22 +19,9 @@ import pytest
 from PIL import Image
 
 from core.paths import is_allowed, path_to_text, resolve_roots, text_to_path
-from sample_models import small_checkpoint
 from test_worker import make_db, rows
 
 NON_UTF8_NAME = b"caf\xe9-0.png"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("checkpoint"))
-
-
-@pytest.fixture(scope="module")
-def detector(checkpoint):
-    from core.detector import Detector
-
-    return Detector.load(checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

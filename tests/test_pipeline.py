@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from sample_models import small_checkpoint
 from test_worker import reference_texts, rows
 from worker.process import WorkerProcess
 
@@ -24,18 +23,6 @@ pytestmark = pytest.mark.redis
 
 BATCH_SIZE = 16
 PER_MESSAGE = 64  # Settings.paths_per_message default
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("checkpoint"))
-
-
-@pytest.fixture(scope="module")
-def detector(checkpoint):
-    from core.detector import Detector
-
-    return Detector.load(checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,6 @@ from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
 from worker.decode import MessageError, decode_images, parse_images, plan_batches
 from worker.main import WorkerConfigError, worker_argv
 
-from sample_models import small_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("checkpoint"))
-
-
-@pytest.fixture(scope="module")
-def detector(checkpoint):
-    from core.detector import Detector
-
-    return Detector.load(checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
