@@ -3,8 +3,8 @@
 Services: tests that need Redis or PostgreSQL use the ``redis_url`` / ``postgres_url`` fixtures. When the service
 does not answer, the test is skipped locally and fails under ``CI=true`` (CI must never silently skip them).
 
-Models: ``checkpoint`` (``sample_models.small_checkpoint``) and ``detector`` (it, loaded on the CPU) are what the
-worker, pipeline and bad-input tests decode with; modules that need another network define their own ``checkpoint``.
+Models: ``checkpoint`` (``sample_models.small_checkpoint``) and ``detector`` (that checkpoint loaded on the CPU) are
+what the worker, pipeline and bad-input tests decode with; modules that need another network define their own.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from worker.decode import MessageError, decode_images, parse_images, plan_batche
 from worker.main import WorkerConfigError, worker_argv
 
 
-
 @pytest.fixture(scope="module")
 def captchas(tmp_path_factory) -> list[Path]:
     from core.synth import generate
