@@ -76,8 +76,9 @@ def test_the_reader_learns_to_name_the_glyphs_of_its_training_images() -> None:
 
 
 @pytest.mark.parametrize("config", [READER, {**READER, "context_layers": 0}, {**TINY, "context_layers": 1,
-                                                                           "context_width": 16, "context_heads": 2}],
-                         ids=["reader+context", "reader", "context"])
+                                                                           "context_width": 16, "context_heads": 2},
+                                    {**READER, "reader_resolution": "original"}],
+                         ids=["reader+context", "reader", "context", "reader at the original size"])
 def test_read_boxes_gives_back_the_labels_of_evals_own_detections(config) -> None:
     torch.manual_seed(0)
     model = build_model("fast", **config, score_thresh=0.0, reader_views=[0, 6, -6] if "reader_width" in config
@@ -254,3 +255,36 @@ def test_a_view_gate_reads_only_the_unsure_glyphs_in_every_view() -> None:
     assert "reader_view_gate" not in build_model("fast", **READER, reader_views=[0, 6, -6]).config
     with pytest.raises(ValueError, match="needs a glyph reader"):
         build_model("fast", **TINY, reader_view_gate=0.9)
+
+
+def test_reader_resolution_original_crops_the_images_at_their_own_size() -> None:
+    images, targets, _ = captchas(2, seed=4, max_width=300)  # 80 px high, the network's input 64 px
+    assert all(image.shape[1] == 80 for image in images)
+    boxes = [t["boxes"] for t in targets]
+    seen: list[torch.Tensor] = []
+    models = {}
+    for resolution in ("input", "original"):
+        torch.manual_seed(0)
+        model = build_model("fast", **READER, context_jitter=0.0, reader_resolution=resolution)
+        model.reader.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+        models[resolution] = model
+    original = models["original"]
+    assert original.config["reader_resolution"] == "original" and "reader_resolution" not in models["input"].config
+    # the crops the reader sees, taken from each image at its own 80 px, whether reading given boxes in eval or the
+    # ground truth in training
+    expected = torch.cat([original.reader.crops(_normalised(image), b, torch.zeros(len(b), dtype=torch.long))
+                          for image, b in zip(images, boxes)])
+    with torch.no_grad():
+        original.eval().read_boxes(images, boxes)
+        models["input"].eval().read_boxes(images, boxes)
+    original.train().freeze_detector()
+    original(images, targets)
+    read_original, read_input, trained = seen
+    torch.testing.assert_close(read_original, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained, expected, atol=1e-5, rtol=0)
+    # the default crops the rescaled input: the same squares, fewer source pixels
+    assert read_input.shape == expected.shape and not torch.allclose(read_input, expected, atol=0.02)
+    with pytest.raises(ValueError, match="reader_resolution"):
+        build_model("fast", **READER, reader_resolution="full")
+    with pytest.raises(ValueError, match="glyph reader"):
+        build_model("fast", **TINY, reader_resolution="original")

@@ -12,8 +12,9 @@ light top-down merge gives one stride-4 feature map that the RPN and the RoI hea
     head    RoIAlign roi_size x roi_size (scale 1/4) -> FC head_width -> FC head_width
             -> objectness + 36 character logits (factorised, see BoxHead), 4 class-agnostic box deltas
     reader  (optional, ``reader_width`` > 0) a small CNN that names each character again from a square crop of the
-            input image around its box (``core/models/reader.py``); in eval, with ``reader_views``, from the mean
-            of its vectors over the crop turned by each of those angles (with ``reader_view_gate`` < 1, only for
+            input image around its box (``core/models/reader.py``; with ``reader_resolution="original"``, of the
+            image at its own size, before the rescale to ``input_height``); in eval, with ``reader_views``, from the
+            mean of its vectors over the crop turned by each of those angles (with ``reader_view_gate`` < 1, only for
             the glyphs its first view reads with a top probability below the gate)
     context (optional, ``context_layers`` > 0) a transformer encoder over each image's characters that corrects their
             character logits (the reader's where there is one, else the box head's) from the others' appearance and
@@ -61,6 +62,7 @@ from core.models.transform import ImageBatch, ImageTransform
 
 # where ``core.detector.Detector`` takes the characters' boxes from (the network's own forward always detects)
 BOX_SOURCES = ("detector", "colour", "both")
+READER_RESOLUTIONS = ("input", "original")
 
 
 class Backbone(nn.Module):
@@ -186,6 +188,7 @@ class FastRCNN(nn.Module):
         reader_warp: float = 0.0,
         reader_views: Sequence[float] = (0.0,),
         reader_view_gate: float = 1.0,
+        reader_resolution: str = "input",
         box_source: str = "detector",
         both_gate: float = 1.0,
     ) -> None:
@@ -204,6 +207,11 @@ class FastRCNN(nn.Module):
                              "a network without one reads each glyph from its box features, in one view")
         if reader_view_gate != 1.0 and not reader_width:
             raise ValueError("reader_view_gate needs a glyph reader (reader_width > 0)")
+        if reader_resolution not in READER_RESOLUTIONS:
+            raise ValueError(f"reader_resolution must be one of {', '.join(READER_RESOLUTIONS)}, "
+                             f"got {reader_resolution!r}")
+        if reader_resolution != "input" and not reader_width:
+            raise ValueError("reader_resolution needs a glyph reader (reader_width > 0)")
         self.config = {
             "arch": "fast",
             "num_classes": num_classes,
@@ -246,6 +254,8 @@ class FastRCNN(nn.Module):
                 self.config["reader_views"] = list(reader_views)
             if reader_view_gate < 1.0:  # and every glyph in every view unless they say otherwise
                 self.config["reader_view_gate"] = float(reader_view_gate)
+            if reader_resolution != "input":  # and crop from the network's input unless they say otherwise
+                self.config["reader_resolution"] = reader_resolution
         if context_layers or reader_width:  # both train on jittered ground-truth boxes
             self.config["context_jitter"] = context_jitter
         if box_source != "detector":  # likewise: checkpoints decode their own detections unless they say otherwise
@@ -253,7 +263,8 @@ class FastRCNN(nn.Module):
         if both_gate < 1.0:  # and, reading both ways, detect in every image unless they say otherwise
             self.config["both_gate"] = float(both_gate)
         self.num_classes = num_classes
-        self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8)
+        self.transform = ImageTransform(height=input_height, fill=1.0, size_divisible=8,
+                                        keep_originals=reader_resolution == "original")
         self.backbone = Backbone(widths, depths, feature_width)
         self.anchors = AnchorGrid(anchor_shapes(anchor_sizes, aspect_ratios), self.stride)
         self.rpn = RPNHead(feature_width, self.anchors.num_anchors)
@@ -360,7 +371,10 @@ class FastRCNN(nn.Module):
                                                    c["roi_sampling_ratio"]))
             log_probs, _ = self.box_head.predict(hidden)
         if self.reader is not None:
-            hidden = self.reader.read(batch.tensors, flat, image, warp)
+            if batch.originals is not None:  # crops of the images at their own size
+                hidden = self.reader.read(batch.originals, flat / batch.scales[image].repeat(1, 2), image, warp)
+            else:
+                hidden = self.reader.read(batch.tensors, flat, image, warp)
             base = self.reader.predict(hidden)
         else:
             base = log_probs[:, :-1]

@@ -3,13 +3,14 @@
 The box head names a character from a 7 x 7 RoIAlign of the shared stride-4 feature map: enough to find glyphs and
 to tell most of them apart, too coarse for the small ones (a 10 px lower-case glyph covers about two feature cells).
 :class:`GlyphReader` crops every character's square neighbourhood out of the input image itself (at the network's
-input scale), resamples it to ``crop x crop`` pixels and classifies it with a small CNN of its own. The square keeps
-the glyph's aspect ratio (a bar stays a bar), the margin keeps a little of its surroundings, and the crop is taken
-from the ink (1 - the image), so anything outside the image reads as white background. In training each crop can
-also be warped at random (``reader_warp``: rotated, sheared, stretched), so that the reader sees every glyph of its
-training set in many shapes, as the glyphs of real CAPTCHAs vary from one image to the next. In eval the reader can
-also read each crop in several ``views`` (the crop turned by each of a few angles) and average what it sees, which
-corrects some of the glyphs one view misreads (test-time augmentation, at the cost of one reader pass per view).
+input scale, or at the image's own with ``reader_resolution="original"``), resamples it to ``crop x crop`` pixels
+and classifies it with a small CNN of its own. The square keeps the glyph's aspect ratio (a bar stays a bar), the
+margin keeps a little of its surroundings, and the crop is taken from the ink (1 - the image), so anything outside
+the image reads as white background. In training each crop can also be warped at random (``reader_warp``: rotated,
+sheared, stretched), so that the reader sees every glyph of its training set in many shapes, as the glyphs of real
+CAPTCHAs vary from one image to the next. In eval the reader can also read each crop in several ``views`` (the crop
+turned by each of a few angles) and average what it sees, which corrects some of the glyphs one view misreads
+(test-time augmentation, at the cost of one reader pass per view).
 
 Inside ``FastRCNN`` (``reader_width`` > 0) the detector still finds the boxes; the reader then names them, and the
 context head, when there is one, corrects the reader's logits from the other characters of the image. Because the

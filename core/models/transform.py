@@ -22,13 +22,16 @@ class ImageBatch:
     """A padded batch and the geometry needed to map boxes back to the original images.
 
     tensors: ``[B, 3, H, W]`` normalised; sizes: ``[B, 2]`` float (height, width) of each image inside the batch;
-    scales: ``[B, 2]`` float (sx, sy) = transformed / original; original_sizes: ``[B, 2]`` float (height, width).
+    scales: ``[B, 2]`` float (sx, sy) = transformed / original; original_sizes: ``[B, 2]`` float (height, width);
+    originals: ``[B, 3, H0, W0]`` the same images normalised and padded at their own size (before the rescale), or
+    None unless the transform was asked to keep them (``keep_originals``).
     """
 
     tensors: Tensor
     sizes: Tensor
     scales: Tensor
     original_sizes: Tensor
+    originals: Tensor | None = None
 
     def to_original(self, boxes: Tensor, batch_index: Tensor) -> Tensor:
         """Map ``boxes [K, 4]`` (batch pixels) of images ``batch_index [K]`` to original pixels, clipped to the image."""
@@ -67,12 +70,16 @@ class ImageTransform(nn.Module):
     height: rescale every image to this height keeping the aspect ratio (bilinear, antialiased); None keeps sizes.
     fill: padding colour in input space (before normalisation); None pads with the mean (zero after normalisation).
     size_divisible: the batch height and width are rounded up to a multiple of this.
+    keep_originals: also pad the images at their own size into ``ImageBatch.originals`` (for a reader that crops
+    from the original pixels rather than the rescaled ones).
     """
 
     def __init__(self, height: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, fill: float | None = None, size_divisible: int = 1) -> None:
+                 std: Sequence[float] = IMAGENET_STD, fill: float | None = None, size_divisible: int = 1,
+                 keep_originals: bool = False) -> None:
         super().__init__()
         self.height = height
+        self.keep_originals = keep_originals
         self.size_divisible = size_divisible
         mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -96,12 +103,18 @@ class ImageTransform(nn.Module):
         batch_h = -(-max(h for h, _ in new) // d) * d
         batch_w = -(-max(w for _, w in new) // d) * d
         batch = self.fill.view(1, 3, 1, 1).expand(len(images), 3, batch_h, batch_w).clone()
+        originals = None
+        if self.keep_originals:
+            originals = self.fill.view(1, 3, 1, 1).expand(len(images), 3, max(h for h, _ in orig),
+                                                          max(w for _, w in orig)).clone()
         # images of one size are resized and normalised together
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(orig):
             groups.setdefault(size, []).append(i)
         for (h, w), idx in groups.items():
             x = torch.stack([images[i] for i in idx]).to(device=device, dtype=torch.float32)
+            if originals is not None:
+                originals[idx, :, :h, :w] = (x - self.mean) / self.std
             nh, nw = new[idx[0]]
             if (nh, nw) != (h, w):
                 x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)
@@ -121,4 +134,4 @@ class ImageTransform(nn.Module):
                 if boxes.shape[0] != labels.shape[0]:
                     raise ValueError(f"target {i}: {boxes.shape[0]} boxes but {labels.shape[0]} labels")
                 out_targets.append({"boxes": boxes * scales[i].repeat(2), "labels": labels})
-        return ImageBatch(batch, sizes, scales, original), out_targets
+        return ImageBatch(batch, sizes, scales, original, originals), out_targets
