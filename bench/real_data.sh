@@ -12,11 +12,11 @@
 # AUGMENT (1, the default: train --augment; 0: without), EMA (train --ema-decay EMA, default 0.998; 0: none),
 # SYNTH (synthetic images mixed into the reader round, default 0; SYNTH_SEED, default 5; an epoch stays as many
 # samples as there are real training images, drawn from both), READER_CONFIG (train --model-config of the reader
-# round, default '{"reader_width": 128, "reader_crop": 32}': the reader reads 32 x 32 crops instead of the shipped
-# 24 x 24; '{"reader_width": 128}' keeps them), BOXES (the box_source of the final checkpoint: colour, the default, or
-# both; detector: none written; see "Train on your own CAPTCHAs" in the README), BOTH_GATE (with BOXES=both, the
-# both_gate of the final checkpoint: detect only where the colour reading has a character below it; default 1: every
-# image).
+# round, default '{"reader_width": 128, "reader_crop": 32, "reader_resolution": "original"}': the reader reads 32 x 32
+# crops instead of the shipped 24 x 24, of each image at its own size instead of the detector's input height), BOXES
+# (the box_source of the final checkpoint: colour, the default, or both; detector: none written; see "Train on your
+# own CAPTCHAs" in the README), BOTH_GATE (with BOXES=both, the both_gate of the final checkpoint: detect only where
+# the colour reading has a character below it; default 1: every image).
 # Training runs in bf16 where the CPU has it natively (train --precision auto).
 # Nothing is written outside WORK_DIR (default runs/real, git-ignored): the images are linked, never copied.
 set -euo pipefail
@@ -37,7 +37,7 @@ CQ=${CQ:-captcha-queue}
 AUGMENT=${AUGMENT:-1}
 EMA=${EMA:-0.998}
 SYNTH=${SYNTH:-0}
-READER_CONFIG=${READER_CONFIG:-'{"reader_width": 128, "reader_crop": 32}'}
+READER_CONFIG=${READER_CONFIG:-'{"reader_width": 128, "reader_crop": 32, "reader_resolution": "original"}'}
 BOXES=${BOXES:-colour}
 BOTH_GATE=${BOTH_GATE:-1}
 SYNTH_SEED=${SYNTH_SEED:-5}
