@@ -372,7 +372,7 @@ class FastRCNN(nn.Module):
             log_probs, _ = self.box_head.predict(hidden)
         if self.reader is not None:
             if batch.originals is not None:  # crops of the images at their own size
-                hidden = self.reader.read(batch.originals, flat / batch.scales[image].repeat(1, 2), image, warp)
+                hidden = self.reader.read(batch.originals, batch.to_original(flat, image), image, warp)
             else:
                 hidden = self.reader.read(batch.tensors, flat, image, warp)
             base = self.reader.predict(hidden)
