@@ -2,7 +2,8 @@
 
 ``Detector.load()`` reads a checkpoint (default: ``Settings.checkpoint`` or the shipped one) and ``predict()`` runs
 it on PIL images or paths in width-grouped batches (images of similar width share a batch, so padding stays small),
-returning one ``Prediction`` per input, in input order.
+returning one ``Prediction`` per input, in input order. Paths are read ``Detector.window`` at a time, so a long list
+of paths never sits in memory as decoded images all at once.
 """
 
 from __future__ import annotations
@@ -107,8 +108,21 @@ def _prediction_from_probs(boxes: Sequence[Sequence[float]], probs: torch.Tensor
     return Prediction(text="".join(c.char for c in chars), chars=chars, score=score)
 
 
+def _windows(items: Sequence, size: int) -> list[Sequence]:
+    """``items`` in consecutive slices of at most ``size``."""
+    if size < 1:
+        raise ValueError(f"window must be at least 1, got {size}")
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
 class Detector:
-    """A checkpoint loaded for inference. Build with ``Detector.load``."""
+    """A checkpoint loaded for inference. Build with ``Detector.load``.
+
+    ``window``: how many of the images given to ``predict`` or ``read_boxes`` are decoded and held at once; batches
+    are grouped by width within each window.
+    """
+
+    window: int = 1024
 
     def __init__(self, model: torch.nn.Module, checkpoint_path: Path, metadata: dict, device: torch.device,
                  precision: str = "auto") -> None:
@@ -150,8 +164,8 @@ class Detector:
     def predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
         """Decode ``images`` (PIL images or paths); one ``Prediction`` per input, same order.
 
-        Paths are read with ``core.images.load_image``; an unreadable one raises ``ImageError`` (callers that need a
-        per-image failure load the images themselves and pass PIL images).
+        Paths are read with ``core.images.load_image``, ``window`` at a time; an unreadable one raises ``ImageError``
+        (callers that need a per-image failure load the images themselves and pass PIL images).
 
         ``box_source`` (a decode setting of the checkpoint) says where the characters' boxes come from, for
         CAPTCHAs that give every character its own colour and networks trained on labels from the same segmentation
@@ -163,6 +177,10 @@ class Detector:
         images whose colour reading has a character below that probability (the others keep the colour reading).
         Characters read on colour boxes score their class probability.
         """
+        return [p for part in _windows(images, self.window) for p in self._predict(part, batch_size)]
+
+    def _predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int) -> list[Prediction]:
+        """``predict`` on images that are all decoded at once."""
         arrays = [_rgb_array(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
         tensors = [_array_to_tensor(a) for a in arrays]
         source = self.box_source
@@ -214,8 +232,12 @@ class Detector:
             raise ValueError(f"the {self.metadata.get('arch', 'loaded')} network cannot read given boxes")
         if len(boxes) != len(images):
             raise ValueError(f"got {len(boxes)} box lists for {len(images)} images")
-        tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
-        return ["".join(CHARS[int(k)] for k in p.argmax(dim=1)) for p in self._read_probs(tensors, boxes, batch_size)]
+        texts = []
+        for part, part_boxes in zip(_windows(images, self.window), _windows(boxes, self.window)):
+            tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in part]
+            texts += ["".join(CHARS[int(k)] for k in p.argmax(dim=1))
+                      for p in self._read_probs(tensors, part_boxes, batch_size)]
+        return texts
 
     def __repr__(self) -> str:
         return f"Detector(version={self.version!r}, checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r}, precision={self.precision!r})"

@@ -115,6 +115,38 @@ def test_batches_are_grouped_by_width(checkpoint: Path, captchas: list[Path]) ->
     assert seen == [widths[0:2], widths[2:4], widths[4:5]]
 
 
+def test_paths_are_decoded_a_window_at_a_time(checkpoint: Path, captchas: list[Path], monkeypatch) -> None:
+    import core.detector as detector_module
+
+    det = Detector.load(checkpoint)
+    boxes = [[[2.0, 2.0, 30.0, 40.0], [40.0, 10.0, 60.0, 50.0]] for _ in captchas]
+    whole, whole_read = det.predict(captchas, batch_size=1), det.read_boxes(captchas, boxes, batch_size=1)
+    events: list[str | int] = []
+    load = detector_module.load_image
+    monkeypatch.setattr(detector_module, "load_image", lambda path: (events.append("load"), load(path))[1])
+    forward, read = det.model.forward, det.model.read_boxes
+
+    def recording(images, targets=None):
+        events.append(len(images))
+        return forward(images, targets)
+
+    def recording_read(images, given):
+        events.append(len(images))
+        return read(images, given)
+
+    det.model.forward, det.model.read_boxes = recording, recording_read  # type: ignore[method-assign]
+    det.window = 2
+    # two images decoded, both read, then the next two: never more than a window of them in memory
+    assert det.predict(captchas, batch_size=1) == whole
+    assert events == ["load", "load", 1, 1, "load", "load", 1, 1, "load", 1]
+    events.clear()
+    assert det.read_boxes(captchas, boxes, batch_size=1) == whole_read
+    assert events == ["load", "load", 1, 1, "load", "load", 1, 1, "load", 1]
+    det.window = 0
+    with pytest.raises(ValueError, match="window"):
+        det.predict(captchas)
+
+
 def test_prediction_fields_match_the_detections(checkpoint: Path, captchas: list[Path]) -> None:
     det = Detector.load(checkpoint)
     tensors = [image_to_tensor(Image.open(p)) for p in captchas]
