@@ -113,12 +113,12 @@ class ImageTransform(nn.Module):
             groups.setdefault(size, []).append(i)
         for (h, w), idx in groups.items():
             x = torch.stack([images[i] for i in idx]).to(device=device, dtype=torch.float32)
+            x = (x - self.mean) / self.std  # before the resize, which is linear: normalised once for both
             if originals is not None:
-                originals[idx, :, :h, :w] = (x - self.mean) / self.std
+                originals[idx, :, :h, :w] = x
             nh, nw = new[idx[0]]
             if (nh, nw) != (h, w):
                 x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)
-            x = (x - self.mean) / self.std
             batch[idx, :, :nh, :nw] = x
         sizes = torch.tensor(new, dtype=torch.float32, device=device)
         original = torch.tensor(orig, dtype=torch.float32, device=device)
