@@ -108,6 +108,11 @@ def _prediction_from_probs(boxes: Sequence[Sequence[float]], probs: torch.Tensor
     return Prediction(text="".join(c.char for c in chars), chars=chars, score=score)
 
 
+def _loaded(img: Image.Image | str | os.PathLike) -> Image.Image:
+    """A PIL image as given, a path read with ``core.images.load_image`` (``ImageError`` when unreadable)."""
+    return img if isinstance(img, Image.Image) else load_image(img)
+
+
 def _windows(items: Sequence, size: int) -> list[Sequence]:
     """``items`` in consecutive slices of at most ``size``."""
     if size < 1:
@@ -181,7 +186,7 @@ class Detector:
 
     def _predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int) -> list[Prediction]:
         """``predict`` on images that are all decoded at once."""
-        arrays = [_rgb_array(img if isinstance(img, Image.Image) else load_image(img)) for img in images]
+        arrays = [_rgb_array(_loaded(img)) for img in images]
         tensors = [_array_to_tensor(a) for a in arrays]
         source = self.box_source
         segments: dict[int, list] = {}
@@ -234,7 +239,7 @@ class Detector:
             raise ValueError(f"got {len(boxes)} box lists for {len(images)} images")
         texts = []
         for part, part_boxes in zip(_windows(images, self.window), _windows(boxes, self.window)):
-            tensors = [image_to_tensor(img if isinstance(img, Image.Image) else load_image(img)) for img in part]
+            tensors = [image_to_tensor(_loaded(img)) for img in part]
             texts += ["".join(CHARS[int(k)] for k in p.argmax(dim=1))
                       for p in self._read_probs(tensors, part_boxes, batch_size)]
         return texts
