@@ -17,7 +17,9 @@
 # (the box_source of the final checkpoint: colour, the default, or both; detector: none written; see "Train on your
 # own CAPTCHAs" in the README), BOTH_GATE (with BOXES=both, the both_gate of the final checkpoint: detect only where
 # the colour reading has a character below it; default 1: every image).
-# Training runs in bf16 where the CPU has it natively (train --precision auto).
+# DEVICE (cpu, the default; cuda on a GPU: autolabel's detector, training and eval run there), WORKERS (DataLoader
+# processes of the training runs, default 1).
+# Training runs in bf16 where the CPU or GPU has it natively (train --precision auto).
 # Nothing is written outside WORK_DIR (default runs/real, git-ignored): the images are linked, never copied.
 set -euo pipefail
 
@@ -41,6 +43,8 @@ READER_CONFIG=${READER_CONFIG:-'{"reader_width": 128, "reader_crop": 32, "reader
 BOXES=${BOXES:-colour}
 BOTH_GATE=${BOTH_GATE:-1}
 SYNTH_SEED=${SYNTH_SEED:-5}
+DEVICE=${DEVICE:-cpu}
+WORKERS=${WORKERS:-1}
 INIT=${INIT:-$(python -c "from core.checkpoint import default_checkpoint_path; print(default_checkpoint_path())")}
 
 if [ "$INIT" = none ] && [ "$EPOCHS1" -eq 0 ]; then
@@ -66,14 +70,14 @@ for part, chosen in (("val", names[:holdout]), ("train", names[holdout:])):
 print(f"{len(names) - holdout} training, {holdout} held-out images")
 EOF
 
-TRAIN_ARGS=(--seed "$SEED" --device cpu)
+TRAIN_ARGS=(--seed "$SEED" --device "$DEVICE" --workers "$WORKERS")
 if [ "$AUGMENT" = 1 ]; then TRAIN_ARGS+=(--augment); fi
 if [ "$EMA" != 0 ]; then TRAIN_ARGS+=(--ema-decay "$EMA"); fi
 INIT_ARGS=(); LABEL_ARGS=()
 if [ "$INIT" != none ]; then INIT_ARGS=(--init-from "$INIT"); LABEL_ARGS=(--checkpoint "$INIT"); fi
 
 stamp "autolabel by colour${LABEL_ARGS:+, then with $INIT}"
-$CQ autolabel "$WORK/train" --out "$WORK/labels1" --render-dir "$WORK/render" --render 12 "${LABEL_ARGS[@]}"
+$CQ autolabel "$WORK/train" --out "$WORK/labels1" --render-dir "$WORK/render" --render 12 --device "$DEVICE" "${LABEL_ARGS[@]}"
 
 FINAL="$INIT"
 LABELS="$WORK/labels1"
@@ -85,7 +89,7 @@ if [ "$EPOCHS1" -gt 0 ]; then
 fi
 if [ "$EPOCHS1" -gt 0 ] && [ "$EPOCHS2" -gt 0 ]; then
     stamp "autolabel with the round-1 detector"
-    $CQ autolabel "$WORK/train" --out "$WORK/labels2" --checkpoint "$WORK/round1/fast.safetensors"
+    $CQ autolabel "$WORK/train" --out "$WORK/labels2" --device "$DEVICE" --checkpoint "$WORK/round1/fast.safetensors"
 
     stamp "train round 2 ($EPOCHS2 epochs from round 1)"
     $CQ train --images "$WORK/train" --labels "$WORK/labels2" --out "$WORK/round2/fast.safetensors" \
@@ -137,7 +141,7 @@ if [ "$READER_EPOCHS" -gt 0 ]; then
 fi
 
 stamp "eval $FINAL on the held-out split"
-$CQ eval --images "$WORK/val" --checkpoint "$FINAL" --device cpu --json | tee "$WORK/val.json"
+$CQ eval --images "$WORK/val" --checkpoint "$FINAL" --device "$DEVICE" --json | tee "$WORK/val.json"
 if [ "$BOXES" != detector ]; then
     # the same weights reading the glyphs that colour segmentation finds (the boxes autolabel trained them on)
     SETTINGS="{\"box_source\": \"$BOXES\"}"
@@ -147,6 +151,6 @@ if [ "$BOXES" != detector ]; then
     $CQ reconfigure "$FINAL" --set "$SETTINGS" --out "$WORK/$BOXES/fast.safetensors"
     FINAL="$WORK/$BOXES/fast.safetensors"
     stamp "eval $FINAL on the held-out split"
-    $CQ eval --images "$WORK/val" --checkpoint "$FINAL" --device cpu --json | tee "$WORK/val-$BOXES.json"
+    $CQ eval --images "$WORK/val" --checkpoint "$FINAL" --device "$DEVICE" --json | tee "$WORK/val-$BOXES.json"
 fi
 stamp "done"
