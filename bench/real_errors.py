@@ -3,7 +3,10 @@
 Prints the images read right, with a character too few or too many, and with a wrong character; the commonest
 confusions; and, for the ``0``/``o`` pair, each glyph's box height over the median box height of its image (a
 lower-case ``o`` is shorter than its neighbours, a capital ``O`` or a ``0`` is not) and, among the glyphs as tall as
-their neighbours, box width over height.
+their neighbours, box width over height; and the ``0``/``o`` glyphs read right by the case their image is drawn in
+(told from the boxes: in an upper-case image the x-height letters are as tall as the digits and the ascenders, in a
+lower-case one they are shorter). In upper-case images many fonts draw ``O`` and ``0`` as one shape, and there a
+reader can only guess.
 
     python bench/real_errors.py --images runs/real/val --checkpoint runs/real/reader/fast.safetensors
 
@@ -25,6 +28,19 @@ from core.detector import Detector
 from core.formats import LabelError, list_images, read_yolo_labels, text_from_filename
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+SHORT = set("acemnrsuvwxz")  # x-height letters in lower case ("o" left out: it is what is being judged)
+TALL = set("bdfhklt0123456789")  # ascenders and digits: as tall as capitals
+
+
+def case_of(text: str, boxes: list[tuple[float, float, float, float]]) -> str:
+    """``"upper"``, ``"lower"``, ``"unclear"`` (in between) or ``"unknown"`` (no letter of either kind): the case an
+    image's letters are drawn in, from the heights of its boxes (one per character of ``text``)."""
+    short = [b[3] - b[1] for c, b in zip(text, boxes) if c in SHORT]
+    tall = [b[3] - b[1] for c, b in zip(text, boxes) if c in TALL]
+    if not short or not tall:
+        return "unknown"
+    ratio = statistics.median(short) / statistics.median(tall)
+    return "upper" if ratio >= 0.9 else "lower" if ratio < 0.8 else "unclear"
 
 
 def quantiles(values: list[float]) -> list[float]:
@@ -47,6 +63,7 @@ def main() -> None:
     confusions = collections.Counter()
     height = collections.defaultdict(list)  # (true char, read right) -> box height / the image's median height
     aspect = collections.defaultdict(list)  # the same, glyphs over 0.95 of the median height: width / height
+    by_case = collections.defaultdict(collections.Counter)  # image case -> 0/o glyphs: read right, all
     for path, prediction in zip(paths, predictions):
         text = text_from_filename(path).lower()
         read = prediction.text
@@ -55,10 +72,13 @@ def main() -> None:
         if len(read) != len(text):
             continue
         median = statistics.median(c.box[3] - c.box[1] for c in prediction.chars)
+        case = case_of(text, [c.box for c in prediction.chars])
         for truth, char in zip(text, prediction.chars):
             if truth != char.char:
                 confusions[(truth, char.char)] += 1
             if truth in "0o":
+                by_case[case]["all"] += 1
+                by_case[case]["right"] += truth == char.char
                 h, w = char.box[3] - char.box[1], char.box[2] - char.box[0]
                 height[(truth, truth == char.char)].append(h / median)
                 if h / median > 0.95:
@@ -71,6 +91,9 @@ def main() -> None:
         label = f"'{key[0]}' read {'right' if key[1] else 'wrong'}"
         print(f"  {label}: {len(height[key])} glyphs, height / median {quantiles(height[key])}; "
               f"{len(aspect[key])} as tall as their neighbours, width / height {quantiles(aspect[key])}")
+    print("0/o glyphs read right, by the case of their image:", "; ".join(
+        f"{case} {n['right']} of {n['all']} ({100 * n['right'] / n['all']:.0f}%)"
+        for case, n in sorted(by_case.items()) if n["all"]))
 
     if args.labels is not None:
         given_boxes(detector, paths, predictions, args.labels)
