@@ -7,6 +7,10 @@ worse than the rest is where the generator and the network disagree. Each image 
 labels folder beside the images, ``Detector.read_boxes``): the column ``true boxes`` is what a perfect detector
 would leave to the reader and the context head, so the gap between it and ``right%`` is the detector's share.
 
+Replaying the whole image (``render_captcha``) also recovers the form each glyph was drawn in (``O`` or ``o`` for an
+``o``), so the reading on the true boxes is split by glyph too: the kinds of glyph no image can settle (an upper-case
+``I`` and an ``l`` side by side in a mixed-case image are the same bar in most fonts) against the rest.
+
     python bench/synth_errors.py --images /tmp/captcha-default/test/images --seed 1002 \
         --checkpoint core/default_checkpoint/fast.safetensors
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from core import synth
 from core.charset import CHARS
 from core.detector import Detector
 from core.evaluate import GAP, align
@@ -32,6 +37,38 @@ def style_of(seed: int, index: int) -> tuple[str, object]:
     rng = random.Random(_item_seed(seed, index))
     text = "".join(rng.choice(CHARS) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH)))
     return text, _sample_style(rng)
+
+
+def drawn_glyphs(seed: int, index: int) -> list[str]:
+    """The characters image ``index`` of ``seed`` was drawn with, in the case each was drawn in."""
+    drawn: list[str] = []
+    draw = synth._glyph_mask
+
+    def spy(ch, style, rng):
+        drawn.append(ch)
+        return draw(ch, style, rng)
+
+    rng = random.Random(_item_seed(seed, index))
+    text = "".join(rng.choice(CHARS) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH)))
+    synth._glyph_mask = spy
+    try:
+        synth.render_captcha(text, rng)
+    finally:
+        synth._glyph_mask = draw
+    return drawn
+
+
+def glyph_kind(drawn: str, style) -> str:
+    """What kind of glyph a drawn character is, for the split of the reading by glyph."""
+    if style.rotation == "wild":
+        return "turned by up to 90 degrees"
+    if drawn in "Il" and style.case == "mixed":
+        return "I or l bar, mixed case"
+    if drawn in "O0" and style.case != "lower":
+        return "O or 0, upper or mixed case"
+    if drawn in "Iil1":
+        return "other i, l, 1"
+    return "every other glyph"
 
 
 def size_band(size: int) -> str:
@@ -66,6 +103,7 @@ def main() -> None:
     confusions: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     wrong = []
     both: collections.Counter = collections.Counter()  # (right, right on the true boxes) -> images
+    glyphs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # kind -> right, all, a->b
     for path, pred, read in zip(paths, predictions, oracle):
         truth = text_from_filename(path)
         index = int(path.stem.rsplit("-", 1)[1])
@@ -91,6 +129,13 @@ def main() -> None:
         if not right:
             wrong.append((path.name, pred.text, read, style))
         both[right, on_true] += 1
+        if len(read) == len(truth):  # read_boxes gives one character per box
+            for ch, t, r in zip(drawn_glyphs(args.seed, index), truth, read):
+                counts = glyphs[glyph_kind(ch, style)]
+                counts["all"] += 1
+                counts["right"] += t == r
+                if t != r:
+                    counts[f"{t}->{r}"] += 1
 
     total = len(paths)
     bad = len(wrong)
@@ -107,6 +152,14 @@ def main() -> None:
         top = ", ".join(f"{k} {v}" for k, v in confusions[key].most_common(4)).replace(GAP, "_")
         print(f"{key:<32}{n:>7}{100 * c['right'] / n:>8.1f}{100 * c['true boxes'] / n:>12.1f}{c['length']:>8}"
               f"{c['char']:>6}{100 * errs / max(bad, 1):>9.0f}%  {top}")
+    n_glyphs = sum(c["all"] for c in glyphs.values())
+    need = 0.99 ** (total / max(n_glyphs, 1))
+    print(f"by glyph, on the true boxes ({n_glyphs} glyphs; 99% of the images read right needs about "
+          f"{100 * need:.2f}% of the glyphs):")
+    for kind, c in sorted(glyphs.items(), key=lambda kv: -kv[1]["all"]):
+        top = ", ".join(f"{k} {v}" for k, v in c.most_common() if "->" in k)
+        print(f"  {kind:<30}{c['all']:>6} glyphs {100 * c['right'] / c['all']:>6.2f}% right, "
+              f"{c['all'] - c['right']} wrong  {top[:80]}")
     for name, text, read, style in wrong[: args.examples]:
         print(f"{name} -> {text} (true boxes: {read})", style)
 
