@@ -32,10 +32,15 @@ from core.formats import list_images, read_yolo_labels, text_from_filename
 from core.synth import MAX_LENGTH, MIN_LENGTH, _item_seed, _sample_style
 
 
+def replay_text(seed: int, index: int) -> tuple[str, random.Random]:
+    """The text ``captcha-queue synth --seed seed`` drew for image ``index``, and its generator right after."""
+    rng = random.Random(_item_seed(seed, index))
+    return "".join(rng.choice(CHARS) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH))), rng
+
+
 def style_of(seed: int, index: int) -> tuple[str, object]:
     """The text and style ``captcha-queue synth --seed seed`` drew for image ``index``."""
-    rng = random.Random(_item_seed(seed, index))
-    text = "".join(rng.choice(CHARS) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH)))
+    text, rng = replay_text(seed, index)
     return text, _sample_style(rng)
 
 
@@ -48,8 +53,7 @@ def drawn_glyphs(seed: int, index: int) -> list[str]:
         drawn.append(ch)
         return draw(ch, style, rng)
 
-    rng = random.Random(_item_seed(seed, index))
-    text = "".join(rng.choice(CHARS) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH)))
+    text, rng = replay_text(seed, index)
     synth._glyph_mask = spy
     try:
         synth.render_captcha(text, rng)

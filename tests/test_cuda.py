@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 import torch
 
 from core.detector import Detector
@@ -85,37 +84,21 @@ def test_training_on_the_gpu_learns_and_its_checkpoint_reads_the_same_on_the_cpu
 
 
 def test_worker_decoding_on_the_gpu_writes_every_reading(fresh, tmp_path, sqlite_url):
-    from db.models import Image, Result
-    from db.repository import create_job, register_images
-    from db.session import session_factory, upgrade
-    from worker.decode import decode_images, plan_batches
+    from db.session import session_factory
+    from test_worker import make_db, reference_texts, rows
+    from worker.decode import decode_images
 
     broken = tmp_path / "truncated-0.png"
     broken.write_bytes(fresh[0].read_bytes()[:200])
-    paths = [str(p) for p in fresh[:24]] + [str(broken)]
-    upgrade(sqlite_url)
-    sessions = session_factory(sqlite_url)
-    with sessions() as session:
-        job = create_job(session, "gpu")
-        items = register_images(session, job, [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths])
-        session.commit()
-
+    items = make_db(sqlite_url, [str(p) for p in fresh[:24]] + [str(broken)])
     detector = Detector.load(None, device=DEVICE)
-    expected = {}
-    for batch in plan_batches(items, 8):  # the worker's batches: predictions depend on the padding they share
-        readable = [items[i][1] for i in batch if items[i][1] != str(broken)]
-        expected.update(zip(readable, (p.text for p in detector.predict(readable, batch_size=len(readable)))))
+    expected = reference_texts(detector, items, batch_size=8)
 
-    summary = decode_images(items, detector, sessions, 8, max_pixels=4_000_000, max_width=4096)
+    summary = decode_images(items, detector, session_factory(sqlite_url), 8, max_pixels=4_000_000, max_width=4096)
 
     assert (summary.done, summary.failed) == (24, 1)
-    with sessions() as session:
-        status = dict(session.execute(sa.select(Image.path, Image.status)).all())
-        error = session.scalar(sa.select(Image.error).where(Image.path == str(broken)))
-        texts = dict(session.execute(
-            sa.select(Image.path, Result.text).join(Result, Result.image_id == Image.id)
-            .where(Result.model_version == Image.model_version)
-        ).all())  # fmt: skip
-    assert status[str(broken)] == "failed" and "truncated" in error
+    got = rows(sqlite_url)
+    assert got[str(broken)]["status"] == "failed" and "truncated" in got[str(broken)]["error"]
+    texts = {path: row["text"] for path, row in got.items() if row["status"] == "done"}
     assert texts == expected
     assert sum(text == text_from_filename(path).lower() for path, text in texts.items()) >= 0.8 * 24
