@@ -11,18 +11,27 @@ Replaying the whole image (``render_captcha``) also recovers the form each glyph
 ``o``), so the reading on the true boxes is split by glyph too: the kinds of glyph no image can settle (an upper-case
 ``I`` and an ``l`` side by side in a mixed-case image are the same bar in most fonts) against the rest.
 
+The glyphs misread on their true boxes can be looked at: ``--montage PNG`` draws each in its place (a 120 x 80 px
+window of its image, its box outlined) captioned ``truth->read``. ``--blind DIR`` writes the same windows shuffled
+among as many glyphs read right (``--controls``), numbered but not captioned, as ``DIR/page*.png``, and the answer key
+as ``DIR/key.json``; whoever reads them by eye writes ``DIR/answers.txt`` (one line per window: number, character,
+and ``s`` where sure or ``u`` where not), and ``--score DIR`` compares: how many of the reader's errors an eye gets
+right, against the glyphs the reader gets right.
+
     python bench/synth_errors.py --images /tmp/captcha-default/test/images --seed 1002 \
-        --checkpoint core/default_checkpoint/fast.safetensors
+        --checkpoint core/default_checkpoint/fast.safetensors [--montage misread.png] [--blind DIR]
+    python bench/synth_errors.py --score DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import random
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from core import synth
 from core.charset import CHARS
@@ -89,26 +98,99 @@ def true_boxes(paths: list[Path], labels: Path) -> list[list[list[float]]]:
     return out
 
 
+WINDOW = (120, 80)  # px of the image around one glyph, drawn twice as large
+PAGE = (4, 5)  # windows across and down one page of --blind
+
+
+def glyph_window(path: Path, box: list[float], caption: str) -> Image.Image:
+    """The 120 x 80 px of ``path`` centred on ``box`` (x1, y1, x2, y2), the box outlined, at 2x, ``caption`` below."""
+    x1, y1, x2, y2 = box
+    left = round((x1 + x2) / 2 - WINDOW[0] / 2)
+    with Image.open(path) as img:
+        window = img.convert("RGB").crop((left, 0, left + WINDOW[0], WINDOW[1]))  # outside the image: black
+    ImageDraw.Draw(window).rectangle((x1 - left - 2, y1 - 2, x2 - left + 1, y2 + 1), outline=(255, 0, 0))
+    tile = Image.new("RGB", (2 * WINDOW[0], 2 * WINDOW[1] + 18), "white")
+    tile.paste(window.resize((2 * WINDOW[0], 2 * WINDOW[1]), Image.Resampling.LANCZOS), (0, 0))
+    ImageDraw.Draw(tile).text((4, 2 * WINDOW[1] + 2), caption, fill=(0, 0, 0))
+    return tile
+
+
+def sheet(tiles: list[Image.Image], columns: int) -> Image.Image:
+    """``tiles`` (all one size) in rows of ``columns``, 4 px apart on grey."""
+    w, h = tiles[0].size
+    rows = -(-len(tiles) // columns)
+    out = Image.new("RGB", (columns * (w + 4), rows * (h + 4)), (128, 128, 128))
+    for k, tile in enumerate(tiles):
+        out.paste(tile, ((k % columns) * (w + 4), (k // columns) * (h + 4)))
+    return out
+
+
+def write_blind(out: Path, misread: list[tuple], right: list[tuple], controls: int, seed: int = 7) -> int:
+    """Shuffled, uncaptioned windows of the misread glyphs and ``controls`` glyphs read right, and their key."""
+    rng = random.Random(seed)
+    items = [(*g, "misread") for g in misread] + [(*g, "read right") for g in rng.sample(right, min(controls, len(right)))]
+    rng.shuffle(items)
+    out.mkdir(parents=True, exist_ok=True)
+    per = PAGE[0] * PAGE[1]
+    tiles = [glyph_window(path, box, f"#{n}") for n, (path, box, _, _, _) in enumerate(items)]
+    for page in range(0, len(tiles), per):
+        sheet(tiles[page : page + per], PAGE[0]).save(out / f"page{page // per}.png")
+    key = [{"n": n, "image": path.name, "truth": t, "read": r, "kind": kind} for n, (path, _, t, r, kind) in enumerate(items)]
+    (out / "key.json").write_text(json.dumps(key, indent=1))
+    return len(items)
+
+
+def score(folder: Path) -> None:
+    """Compare ``folder/answers.txt`` (by eye) with ``folder/key.json`` (what the image says, what the reader read)."""
+    key = {k["n"]: k for k in json.loads((folder / "key.json").read_text())}
+    answers = {}
+    for line in (folder / "answers.txt").read_text().splitlines():
+        if line.strip():
+            n, char, sure = line.split()
+            answers[int(n)] = (char.lower(), sure == "s")
+    missing = sorted(set(key) - set(answers))
+    if missing:
+        raise SystemExit(f"answers.txt has no answer for {len(missing)} windows, the first #{missing[0]}")
+    for kind in ("misread", "read right"):
+        rows = [(answers[n], k) for n, k in key.items() if k["kind"] == kind]
+        eye = sum(a[0] == k["truth"] for a, k in rows)
+        sure = [(a, k) for a, k in rows if a[1]]
+        print(f"glyphs the reader {kind:<10}: {len(rows):>4}; by eye {eye} right ({100 * eye / max(len(rows), 1):.0f}%), "
+              f"sure of {len(sure)} and right on {sum(a[0] == k['truth'] for a, k in sure)} of those; "
+              f"the eye read as the reader did on {sum(a[0] == k['read'] for a, k in rows)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", required=True, type=Path)
-    parser.add_argument("--seed", required=True, type=int, help="the --seed the set was drawn with")
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--seed", type=int, help="the --seed the set was drawn with")
     parser.add_argument("--labels", type=Path, default=None, help="default: the labels folder beside --images")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=0, help="print this many wrong images")
+    parser.add_argument("--montage", type=Path, default=None, help="draw the glyphs misread on their true boxes here")
+    parser.add_argument("--blind", type=Path, default=None, help="write them shuffled and uncaptioned here, with a key")
+    parser.add_argument("--controls", type=int, default=None, help="glyphs read right among them (default: half)")
+    parser.add_argument("--score", type=Path, default=None, help="score DIR/answers.txt against DIR/key.json, then stop")
     args = parser.parse_args()
+    if args.score:
+        score(args.score)
+        return
+    if args.images is None or args.seed is None:
+        parser.error("--images and --seed are required (unless --score)")
 
     paths = [p for p in list_images(args.images) if text_from_filename(p)]
     detector = Detector.load(args.checkpoint, device=args.device)
     predictions = detector.predict(paths)
-    oracle = detector.read_boxes(paths, true_boxes(paths, args.labels or args.images.parent / "labels"))
+    boxes = true_boxes(paths, args.labels or args.images.parent / "labels")
+    oracle = detector.read_boxes(paths, boxes)
+    misread, read_right = [], []  # (path, box, truth, read) of each glyph read on its true box
     groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     confusions: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     wrong = []
     both: collections.Counter = collections.Counter()  # (right, right on the true boxes) -> images
     glyphs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # kind -> right, all, a->b
-    for path, pred, read in zip(paths, predictions, oracle):
+    for path, pred, read, image_boxes in zip(paths, predictions, oracle, boxes):
         truth = text_from_filename(path)
         index = int(path.stem.rsplit("-", 1)[1])
         text, style = style_of(args.seed, index)
@@ -134,7 +216,8 @@ def main() -> None:
             wrong.append((path.name, pred.text, read, style))
         both[right, on_true] += 1
         if len(read) == len(truth):  # read_boxes gives one character per box
-            for ch, t, r in zip(drawn_glyphs(args.seed, index), truth, read):
+            for ch, t, r, box in zip(drawn_glyphs(args.seed, index), truth, read, image_boxes):
+                (read_right if t == r else misread).append((path, box, t, r))
                 counts = glyphs[glyph_kind(ch, style)]
                 counts["all"] += 1
                 counts["right"] += t == r
@@ -166,6 +249,13 @@ def main() -> None:
               f"{c['all'] - c['right']} wrong  {top[:80]}")
     for name, text, read, style in wrong[: args.examples]:
         print(f"{name} -> {text} (true boxes: {read})", style)
+    if args.montage and misread:
+        sheet([glyph_window(p, b, f"{t}->{r} {p.stem}") for p, b, t, r in misread], 5).save(args.montage)
+        print(f"{len(misread)} misread glyphs drawn in {args.montage}")
+    if args.blind:
+        n = write_blind(args.blind, misread, read_right, len(misread) // 2 if args.controls is None else args.controls)
+        print(f"{n} windows in {args.blind}/page*.png, key in {args.blind}/key.json; write "
+              f"{args.blind}/answers.txt, then --score {args.blind}")
 
 
 if __name__ == "__main__":
