@@ -12,7 +12,9 @@ reader can only guess.
 
 With ``--labels`` (boxes of the same images, e.g. ``captcha-queue autolabel runs/real/val --out runs/real/val-labels``,
 colour only) it also reads every labelled image on those boxes (``Detector.read_boxes``) and splits the errors
-between the detector (wrong only with its own boxes) and the reading (wrong on the given boxes too).
+between the detector (wrong only with its own boxes) and the reading (wrong on the given boxes too). The glyphs misread
+on those boxes can then be looked at (``--montage PNG``) or set as a blind test for the eye among glyphs read right
+(``--blind DIR``, then ``--score DIR``), as ``synth_errors.py`` does (see ``glyph_sheets.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import collections
 import statistics
 from pathlib import Path
 
+from glyph_sheets import glyph_window, score, sheet, write_blind
 from PIL import Image
 
 from core.detector import Detector
@@ -50,11 +53,22 @@ def quantiles(values: list[float]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", required=True, type=Path)
+    parser.add_argument("--images", type=Path)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--labels", type=Path, default=None, help="boxes of the images (seed layout) to read on")
+    parser.add_argument("--montage", type=Path, default=None, help="with --labels: draw the glyphs misread on them")
+    parser.add_argument("--blind", type=Path, default=None, help="with --labels: write them as a blind test here")
+    parser.add_argument("--controls", type=int, default=None, help="glyphs read right among them (default: half)")
+    parser.add_argument("--score", type=Path, default=None, help="score DIR/answers.txt against DIR/key.json, then stop")
     args = parser.parse_args()
+    if args.score:
+        score(args.score)
+        return
+    if args.images is None:
+        parser.error("--images is required (unless --score)")
+    if (args.montage or args.blind) and args.labels is None:
+        parser.error("--montage and --blind need --labels (the boxes the glyphs are read on)")
 
     paths = [p for p in list_images(args.images) if text_from_filename(p)]
     detector = Detector.load(args.checkpoint, device=args.device)
@@ -96,11 +110,22 @@ def main() -> None:
         for case, n in sorted(by_case.items()) if n["all"]))
 
     if args.labels is not None:
-        given_boxes(detector, paths, predictions, args.labels)
+        misread, read_right = given_boxes(detector, paths, predictions, args.labels)
+        if args.montage and misread:
+            sheet([glyph_window(p, b, f"{t}->{r} {p.stem}") for p, b, t, r in misread], 5).save(args.montage)
+            print(f"{len(misread)} misread glyphs drawn in {args.montage}")
+        if args.blind:
+            n = write_blind(args.blind, misread, read_right,
+                            len(misread) // 2 if args.controls is None else args.controls)
+            print(f"{n} windows in {args.blind}/page*.png, key in {args.blind}/key.json; write "
+                  f"{args.blind}/answers.txt, then --score {args.blind}")
 
 
-def given_boxes(detector: Detector, paths: list[Path], predictions: list, labels: Path) -> None:
-    """Read the images that have a label file on its boxes; print how the errors split."""
+def given_boxes(detector: Detector, paths: list[Path], predictions: list, labels: Path) -> tuple[list, list]:
+    """Read the images that have a label file on its boxes; print how the errors split.
+
+    Returns the glyphs misread and read right on those boxes, each ``(path, box, truth, read)``.
+    """
     kept, boxes = [], []
     for path in paths:
         with Image.open(path) as img:
@@ -111,13 +136,18 @@ def given_boxes(detector: Detector, paths: list[Path], predictions: list, labels
             continue
         kept.append(path)
     read = dict(zip(kept, detector.read_boxes(kept, boxes)))
+    boxes_of = dict(zip(kept, boxes))
     both = collections.Counter()
     confusions = collections.Counter()
+    misread, read_right = [], []
     for path, prediction in zip(paths, predictions):
         if path in read:
             text = text_from_filename(path).lower()
             both[prediction.text == text, read[path] == text] += 1
             confusions.update((a, b) for a, b in zip(text, read[path]) if a != b)
+            if len(read[path]) == len(text):  # one character per box
+                for t, r, box in zip(text, read[path], boxes_of[path]):
+                    (read_right if t == r else misread).append((path, box, t, r))
     n = len(kept)
     print(f"on the given boxes ({n} of {len(paths)} images have them): read right {both[True, True] + both[False, True]}"
           f" ({100 * (both[True, True] + both[False, True]) / max(n, 1):.1f}%), with the detector's own boxes "
@@ -126,6 +156,7 @@ def given_boxes(detector: Detector, paths: list[Path], predictions: list, labels
           f"given boxes {both[True, False]}")
     print("confusions on the given boxes (true -> read):",
           ", ".join(f"{a}->{b} {k}" for (a, b), k in confusions.most_common(15)))
+    return misread, read_right
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""Glyphs as pictures: each in a window of its image, on sheets, and as a blind test for the eye.
+
+``glyph_window`` cuts the 120 x 80 px of an image around one glyph, outlines its box and draws it twice as large with a
+caption; ``sheet`` lays windows out in rows. ``write_blind`` writes the windows of the glyphs a checkpoint misreads
+shuffled among glyphs it reads right, numbered and without captions, on pages of 20 (``DIR/page*.png``), with the
+answer key in ``DIR/key.json``. Whoever reads the pages by eye writes ``DIR/answers.txt``, one line per window:
+its number, the character seen, and ``s`` where sure or ``u`` where not; ``score`` then compares the eye with the
+truth and with the checkpoint. ``synth_errors.py`` and ``real_errors.py`` use these with ``--montage``, ``--blind``
+and ``--score``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+WINDOW = (120, 80)  # px of the image around one glyph, drawn twice as large
+PAGE = (4, 5)  # windows across and down one page of --blind
+
+
+def glyph_window(path: Path, box: list[float], caption: str) -> Image.Image:
+    """The 120 x 80 px of ``path`` centred on ``box`` (x1, y1, x2, y2), the box outlined, at 2x, ``caption`` below."""
+    x1, y1, x2, y2 = box
+    left = round((x1 + x2) / 2 - WINDOW[0] / 2)
+    with Image.open(path) as img:
+        window = img.convert("RGB").crop((left, 0, left + WINDOW[0], WINDOW[1]))  # outside the image: black
+    ImageDraw.Draw(window).rectangle((x1 - left - 2, y1 - 2, x2 - left + 1, y2 + 1), outline=(255, 0, 0))
+    tile = Image.new("RGB", (2 * WINDOW[0], 2 * WINDOW[1] + 18), "white")
+    tile.paste(window.resize((2 * WINDOW[0], 2 * WINDOW[1]), Image.Resampling.LANCZOS), (0, 0))
+    ImageDraw.Draw(tile).text((4, 2 * WINDOW[1] + 2), caption, fill=(0, 0, 0))
+    return tile
+
+
+def sheet(tiles: list[Image.Image], columns: int) -> Image.Image:
+    """``tiles`` (all one size) in rows of ``columns``, 4 px apart on grey."""
+    w, h = tiles[0].size
+    rows = -(-len(tiles) // columns)
+    out = Image.new("RGB", (columns * (w + 4), rows * (h + 4)), (128, 128, 128))
+    for k, tile in enumerate(tiles):
+        out.paste(tile, ((k % columns) * (w + 4), (k // columns) * (h + 4)))
+    return out
+
+
+def write_blind(out: Path, misread: list[tuple], right: list[tuple], controls: int, seed: int = 7) -> int:
+    """Shuffled, uncaptioned windows of the misread glyphs and ``controls`` glyphs read right, and their key."""
+    rng = random.Random(seed)
+    items = [(*g, "misread") for g in misread] + [(*g, "read right") for g in rng.sample(right, min(controls, len(right)))]
+    rng.shuffle(items)
+    out.mkdir(parents=True, exist_ok=True)
+    per = PAGE[0] * PAGE[1]
+    tiles = [glyph_window(path, box, f"#{n}") for n, (path, box, _, _, _) in enumerate(items)]
+    for page in range(0, len(tiles), per):
+        sheet(tiles[page : page + per], PAGE[0]).save(out / f"page{page // per}.png")
+    key = [{"n": n, "image": path.name, "truth": t, "read": r, "kind": kind} for n, (path, _, t, r, kind) in enumerate(items)]
+    (out / "key.json").write_text(json.dumps(key, indent=1))
+    return len(items)
+
+
+def score(folder: Path) -> None:
+    """Compare ``folder/answers.txt`` (by eye) with ``folder/key.json`` (what the image says, what the reader read)."""
+    key = {k["n"]: k for k in json.loads((folder / "key.json").read_text())}
+    answers = {}
+    for line in (folder / "answers.txt").read_text().splitlines():
+        if line.strip():
+            n, char, sure = line.split()
+            answers[int(n)] = (char.lower(), sure == "s")
+    missing = sorted(set(key) - set(answers))
+    if missing:
+        raise SystemExit(f"answers.txt has no answer for {len(missing)} windows, the first #{missing[0]}")
+    for kind in ("misread", "read right"):
+        rows = [(answers[n], k) for n, k in key.items() if k["kind"] == kind]
+        eye = sum(a[0] == k["truth"] for a, k in rows)
+        sure = [(a, k) for a, k in rows if a[1]]
+        print(f"glyphs the reader {kind:<10}: {len(rows):>4}; by eye {eye} right ({100 * eye / max(len(rows), 1):.0f}%), "
+              f"sure of {len(sure)} and right on {sum(a[0] == k['truth'] for a, k in sure)} of those; "
+              f"the eye read as the reader did on {sum(a[0] == k['read'] for a, k in rows)}")
