@@ -1,12 +1,12 @@
 """Glyphs as pictures: each in a window of its image, on sheets, and as a blind test for the eye.
 
-``glyph_window`` cuts the 120 x 80 px of an image around one glyph, outlines its box and draws it twice as large with a
-caption; ``sheet`` lays windows out in rows. ``write_blind`` writes the windows of the glyphs a checkpoint misreads
-shuffled among glyphs it reads right, numbered and without captions, on pages of 20 (``DIR/page*.png``), with the
-answer key in ``DIR/key.json``. Whoever reads the pages by eye writes ``DIR/answers.txt``, one line per window:
-its number, the character seen, and ``s`` where sure or ``u`` where not; ``score`` then compares the eye with the
-truth and with the checkpoint. ``synth_errors.py`` and ``real_errors.py`` use these with ``--montage``, ``--blind``
-and ``--score``.
+``glyph_window`` cuts the 120 x 80 px of an image around one glyph, outlines its box and draws it twice as large
+with a caption; ``sheet`` lays windows out in rows. ``write_blind`` writes the windows of the glyphs a checkpoint
+misreads (all, or a seeded sample: ``--sample``) shuffled among glyphs it reads right (``--controls``), numbered and
+without captions, on pages of 20 (``DIR/page*.png``), with the answer key in ``DIR/key.json``. Whoever reads the
+pages by eye writes ``DIR/answers.txt``, one line per window: its number, the character seen, and ``s`` where sure
+or ``u`` where not; ``score`` then compares the eye with the truth and with the checkpoint. ``synth_errors.py`` and
+``real_errors.py`` use these with ``--montage``, ``--blind`` and ``--score``.
 """
 
 from __future__ import annotations
@@ -44,17 +44,23 @@ def sheet(tiles: list[Image.Image], columns: int) -> Image.Image:
     return out
 
 
-def write_blind(out: Path, misread: list[tuple], right: list[tuple], controls: int, seed: int = 7) -> int:
-    """Shuffled, uncaptioned windows of the misread glyphs and ``controls`` glyphs read right, and their key."""
+def write_blind(out: Path, misread: list[tuple], right: list[tuple], controls: int, sample: int | None = None,
+                seed: int = 7) -> int:
+    """Shuffled, uncaptioned windows of the misread glyphs (a seeded ``sample`` of them, if given) and ``controls``
+    glyphs read right, and their key. Each glyph is ``(path, box, truth, read)``."""
     rng = random.Random(seed)
-    items = [(*g, "misread") for g in misread] + [(*g, "read right") for g in rng.sample(right, min(controls, len(right)))]
+    if sample is not None and sample < len(misread):
+        misread = random.Random(seed + 1).sample(misread, sample)
+    controls_drawn = rng.sample(right, min(controls, len(right)))
+    items = [(*g, "misread") for g in misread] + [(*g, "read right") for g in controls_drawn]
     rng.shuffle(items)
     out.mkdir(parents=True, exist_ok=True)
     per = PAGE[0] * PAGE[1]
     tiles = [glyph_window(path, box, f"#{n}") for n, (path, box, _, _, _) in enumerate(items)]
     for page in range(0, len(tiles), per):
         sheet(tiles[page : page + per], PAGE[0]).save(out / f"page{page // per}.png")
-    key = [{"n": n, "image": path.name, "truth": t, "read": r, "kind": kind} for n, (path, _, t, r, kind) in enumerate(items)]
+    key = [{"n": n, "image": path.name, "truth": t, "read": r, "kind": kind}
+           for n, (path, _, t, r, kind) in enumerate(items)]
     (out / "key.json").write_text(json.dumps(key, indent=1))
     return len(items)
 
@@ -74,6 +80,7 @@ def score(folder: Path) -> None:
         rows = [(answers[n], k) for n, k in key.items() if k["kind"] == kind]
         eye = sum(a[0] == k["truth"] for a, k in rows)
         sure = [(a, k) for a, k in rows if a[1]]
-        print(f"glyphs the reader {kind:<10}: {len(rows):>4}; by eye {eye} right ({100 * eye / max(len(rows), 1):.0f}%), "
+        share = 100 * eye / max(len(rows), 1)
+        print(f"glyphs the reader {kind:<10}: {len(rows):>4}; by eye {eye} right ({share:.0f}%), "
               f"sure of {len(sure)} and right on {sum(a[0] == k['truth'] for a, k in sure)} of those; "
               f"the eye read as the reader did on {sum(a[0] == k['read'] for a, k in rows)}")

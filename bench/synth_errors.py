@@ -109,7 +109,8 @@ def main() -> None:
     parser.add_argument("--montage", type=Path, default=None, help="draw the glyphs misread on their true boxes here")
     parser.add_argument("--blind", type=Path, default=None, help="write them shuffled and uncaptioned here, with a key")
     parser.add_argument("--controls", type=int, default=None, help="glyphs read right among them (default: half)")
-    parser.add_argument("--score", type=Path, default=None, help="score DIR/answers.txt against DIR/key.json, then stop")
+    parser.add_argument("--sample", type=int, default=None, help="--blind: only this many misread glyphs (seeded)")
+    parser.add_argument("--score", type=Path, default=None, help="score DIR/answers.txt against DIR/key.json")
     args = parser.parse_args()
     if args.score:
         score(args.score)
@@ -191,7 +192,8 @@ def main() -> None:
         sheet([glyph_window(p, b, f"{t}->{r} {p.stem}") for p, b, t, r in misread], 5).save(args.montage)
         print(f"{len(misread)} misread glyphs drawn in {args.montage}")
     if args.blind:
-        n = write_blind(args.blind, misread, read_right, len(misread) // 2 if args.controls is None else args.controls)
+        controls = (args.sample or len(misread)) // 2 if args.controls is None else args.controls
+        n = write_blind(args.blind, misread, read_right, controls, args.sample)
         print(f"{n} windows in {args.blind}/page*.png, key in {args.blind}/key.json; write "
               f"{args.blind}/answers.txt, then --score {args.blind}")
 
