@@ -384,7 +384,11 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
                 losses = model(images, targets)
             loss = sum(losses.values())
             step += 1
-            if not torch.isfinite(loss):
+            # One read-back per step, before backward: on a GPU the backward pass and the optimiser step then run
+            # while the host already loads and launches the next batch (a read-back per loss term after the step
+            # would wait for them).
+            values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())]).tolist()
+            if not math.isfinite(values[0]):
                 nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
                 continue
@@ -394,12 +398,12 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
             optimizer.step()
             if average is not None:
                 average.update_parameters(model)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in zip(losses, values[1:]):
+                sums[k] = sums.get(k, 0.0) + v
+            sums["loss"] = sums.get("loss", 0.0) + values[0]
             batches += 1
             images_seen += len(images)
-            emit({"event": "step", "epoch": epoch, "step": step, "steps": total_steps, "loss": loss.item(), "lr": lr})
+            emit({"event": "step", "epoch": epoch, "step": step, "steps": total_steps, "loss": values[0], "lr": lr})
         train_seconds = time.perf_counter() - t0
         record: dict[str, Any] = {"epoch": epoch}
         record.update({k: v / max(1, batches) for k, v in sums.items()})

@@ -86,6 +86,9 @@ def test_tiny_run_writes_a_loadable_checkpoint_with_metrics(data: Path, tmp_path
         assert record["loss"] == pytest.approx(sum(record[k] for k in ("rpn_cls", "rpn_reg", "cls", "box_reg")))
         assert record["val_images"] == 4 and record["images_per_second"] > 0
     assert [e["event"] for e in events].count("step") == 2 * 2  # 16 images / batch 8, two epochs
+    for record in result.history:  # an epoch's loss is the mean of its steps' losses, as each step reported it
+        steps = [e["loss"] for e in events if e["event"] == "step" and e["epoch"] == record["epoch"]]
+        assert record["loss"] == pytest.approx(sum(steps) / len(steps))
     assert events[0]["event"] == "start" and events[0]["train_images"] == 16
     meta = read_metadata(out)
     assert meta["version"] == "t1"
