@@ -11,6 +11,7 @@ or ``u`` where not; ``score`` then compares the eye with the truth and with the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -84,3 +85,24 @@ def score(folder: Path) -> None:
         print(f"glyphs the reader {kind:<10}: {len(rows):>4}; by eye {eye} right ({share:.0f}%), "
               f"sure of {len(sure)} and right on {sum(a[0] == k['truth'] for a, k in sure)} of those; "
               f"the eye read as the reader did on {sum(a[0] == k['read'] for a, k in rows)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--montage``, ``--blind``, ``--controls``, ``--sample`` and ``--score``, as both error scripts take them."""
+    parser.add_argument("--montage", type=Path, default=None, help="draw the misread glyphs in one picture here")
+    parser.add_argument("--blind", type=Path, default=None, help="write them shuffled and uncaptioned here, with a key")
+    parser.add_argument("--controls", type=int, default=None, help="glyphs read right among them (default: half)")
+    parser.add_argument("--sample", type=int, default=None, help="--blind: only this many misread glyphs (seeded)")
+    parser.add_argument("--score", type=Path, default=None, help="score DIR/answers.txt against DIR/key.json")
+
+
+def write_requested(args: argparse.Namespace, misread: list[tuple], right: list[tuple]) -> None:
+    """The ``--montage`` picture and the ``--blind`` test that ``args`` asks for, from ``(path, box, truth, read)``s."""
+    if args.montage and misread:
+        sheet([glyph_window(p, b, f"{t}->{r} {p.stem}") for p, b, t, r in misread], 5).save(args.montage)
+        print(f"{len(misread)} misread glyphs drawn in {args.montage}")
+    if args.blind:
+        controls = (args.sample or len(misread)) // 2 if args.controls is None else args.controls
+        n = write_blind(args.blind, misread, right, controls, args.sample)
+        print(f"{n} windows in {args.blind}/page*.png, key in {args.blind}/key.json; write "
+              f"{args.blind}/answers.txt, then --score {args.blind}")

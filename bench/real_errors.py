@@ -24,7 +24,7 @@ import collections
 import statistics
 from pathlib import Path
 
-from glyph_sheets import glyph_window, score, sheet, write_blind
+from glyph_sheets import add_arguments, score, write_requested
 from PIL import Image
 
 from core.detector import Detector
@@ -57,11 +57,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--labels", type=Path, default=None, help="boxes of the images (seed layout) to read on")
-    parser.add_argument("--montage", type=Path, default=None, help="with --labels: draw the glyphs misread on them")
-    parser.add_argument("--blind", type=Path, default=None, help="with --labels: write them as a blind test here")
-    parser.add_argument("--controls", type=int, default=None, help="glyphs read right among them (default: half)")
-    parser.add_argument("--sample", type=int, default=None, help="--blind: only this many misread glyphs (seeded)")
-    parser.add_argument("--score", type=Path, default=None, help="score DIR/answers.txt against DIR/key.json")
+    add_arguments(parser)  # with --labels: the glyphs misread on those boxes
     args = parser.parse_args()
     if args.score:
         score(args.score)
@@ -112,14 +108,7 @@ def main() -> None:
 
     if args.labels is not None:
         misread, read_right = given_boxes(detector, paths, predictions, args.labels)
-        if args.montage and misread:
-            sheet([glyph_window(p, b, f"{t}->{r} {p.stem}") for p, b, t, r in misread], 5).save(args.montage)
-            print(f"{len(misread)} misread glyphs drawn in {args.montage}")
-        if args.blind:
-            controls = (args.sample or len(misread)) // 2 if args.controls is None else args.controls
-            n = write_blind(args.blind, misread, read_right, controls, args.sample)
-            print(f"{n} windows in {args.blind}/page*.png, key in {args.blind}/key.json; write "
-                  f"{args.blind}/answers.txt, then --score {args.blind}")
+        write_requested(args, misread, read_right)
 
 
 def given_boxes(detector: Detector, paths: list[Path], predictions: list, labels: Path) -> tuple[list, list]:

@@ -13,8 +13,8 @@ Replaying the whole image (``render_captcha``) also recovers the form each glyph
 
 The glyphs misread on their true boxes can be looked at: ``--montage PNG`` draws each in its place (a 120 x 80 px
 window of its image, its box outlined) captioned ``truth->read``. ``--blind DIR`` writes the same windows shuffled
-among as many glyphs read right (``--controls``), numbered but not captioned, as ``DIR/page*.png``, and the answer key
-as ``DIR/key.json``; whoever reads them by eye writes ``DIR/answers.txt`` (one line per window: number, character,
+among glyphs read right (``--controls``, default half as many; ``--sample N`` takes a seeded sample of the misread
+ones), numbered but not captioned, as ``DIR/page*.png``, and the answer key as ``DIR/key.json``; whoever reads them by eye writes ``DIR/answers.txt`` (one line per window: number, character,
 and ``s`` where sure or ``u`` where not), and ``--score DIR`` compares: how many of the reader's errors an eye gets
 right, against the glyphs the reader gets right.
 
@@ -30,7 +30,7 @@ import collections
 import random
 from pathlib import Path
 
-from glyph_sheets import glyph_window, score, sheet, write_blind
+from glyph_sheets import add_arguments, score, write_requested
 from PIL import Image
 
 from core import synth
@@ -106,11 +106,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=0, help="print this many wrong images")
-    parser.add_argument("--montage", type=Path, default=None, help="draw the glyphs misread on their true boxes here")
-    parser.add_argument("--blind", type=Path, default=None, help="write them shuffled and uncaptioned here, with a key")
-    parser.add_argument("--controls", type=int, default=None, help="glyphs read right among them (default: half)")
-    parser.add_argument("--sample", type=int, default=None, help="--blind: only this many misread glyphs (seeded)")
-    parser.add_argument("--score", type=Path, default=None, help="score DIR/answers.txt against DIR/key.json")
+    add_arguments(parser)  # the glyphs misread on their true boxes
     args = parser.parse_args()
     if args.score:
         score(args.score)
@@ -188,14 +184,7 @@ def main() -> None:
               f"{c['all'] - c['right']} wrong  {top[:80]}")
     for name, text, read, style in wrong[: args.examples]:
         print(f"{name} -> {text} (true boxes: {read})", style)
-    if args.montage and misread:
-        sheet([glyph_window(p, b, f"{t}->{r} {p.stem}") for p, b, t, r in misread], 5).save(args.montage)
-        print(f"{len(misread)} misread glyphs drawn in {args.montage}")
-    if args.blind:
-        controls = (args.sample or len(misread)) // 2 if args.controls is None else args.controls
-        n = write_blind(args.blind, misread, read_right, controls, args.sample)
-        print(f"{n} windows in {args.blind}/page*.png, key in {args.blind}/key.json; write "
-              f"{args.blind}/answers.txt, then --score {args.blind}")
+    write_requested(args, misread, read_right)
 
 
 if __name__ == "__main__":
