@@ -70,10 +70,12 @@ def score(folder: Path) -> None:
     """Compare ``folder/answers.txt`` (by eye) with ``folder/key.json`` (what the image says, what the reader read)."""
     key = {k["n"]: k for k in json.loads((folder / "key.json").read_text())}
     answers = {}
-    for line in (folder / "answers.txt").read_text().splitlines():
+    for i, line in enumerate((folder / "answers.txt").read_text().splitlines(), 1):
         if line.strip():
-            n, char, sure = line.split()
-            answers[int(n)] = (char.lower(), sure == "s")
+            parts = line.split()
+            if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in ("s", "u"):
+                raise SystemExit(f"answers.txt line {i}: expected '<window> <character> <s|u>', got {line!r}")
+            answers[int(parts[0])] = (parts[1].lower(), parts[2] == "s")
     missing = sorted(set(key) - set(answers))
     if missing:
         raise SystemExit(f"answers.txt has no answer for {len(missing)} windows, the first #{missing[0]}")
