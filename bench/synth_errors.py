@@ -14,9 +14,10 @@ Replaying the whole image (``render_captcha``) also recovers the form each glyph
 The glyphs misread on their true boxes can be looked at: ``--montage PNG`` draws each in its place (a 120 x 80 px
 window of its image, its box outlined) captioned ``truth->read``. ``--blind DIR`` writes the same windows shuffled
 among glyphs read right (``--controls``, default half as many; ``--sample N`` takes a seeded sample of the misread
-ones), numbered but not captioned, as ``DIR/page*.png``, and the answer key as ``DIR/key.json``; whoever reads them by eye writes ``DIR/answers.txt`` (one line per window: number, character,
-and ``s`` where sure or ``u`` where not), and ``--score DIR`` compares: how many of the reader's errors an eye gets
-right, against the glyphs the reader gets right.
+ones), numbered but not captioned, as ``DIR/page*.png``, and the answer key as ``DIR/key.json``; whoever reads them
+by eye writes ``DIR/answers.txt`` (one line per window: number, character, and ``s`` where sure or ``u`` where
+not), and ``--score DIR`` compares: how many of the reader's errors an eye gets right, against the glyphs the reader
+gets right (see ``glyph_sheets.py``).
 
     python bench/synth_errors.py --images /tmp/captcha-default/test/images --seed 1002 \
         --checkpoint core/default_checkpoint/fast.safetensors [--montage misread.png] [--blind DIR]
