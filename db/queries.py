@@ -51,10 +51,15 @@ def _shown_result() -> Any:
 
 
 def _job_condition(job: int | str) -> Any:
-    """A job given by id (an int or a string of digits) or by name."""
-    if isinstance(job, int) or str(job).isdigit():
-        return Image.job_id == int(job)
-    return Image.job_id.in_(select(Job.id).where(Job.name == job))
+    """A job given by id (an int) or by name; a string of digits is the job with that id when there is one, else
+    the jobs with that name (``enqueue --job 2024`` makes a name of digits)."""
+    if isinstance(job, int):
+        return Image.job_id == job
+    by_name = select(Job.id).where(Job.name == job)
+    if job.isascii() and job.isdigit():
+        by_id = select(Job.id).where(Job.id == int(job))
+        return Image.job_id.in_(by_id.union(by_name.where(~by_id.exists())))
+    return Image.job_id.in_(by_name)
 
 
 def iter_results(

@@ -106,6 +106,20 @@ def test_filters(filled):
         assert [(r["text"], r["model_version"]) for r in rows] == [("ab13", "v2")]
 
 
+def test_a_job_named_with_digits(filled):
+    """``--job 2024`` is the job with id 2024 when there is one, else the jobs named "2024"."""
+    with session_factory(filled["url"])() as session:
+        named = create_job(session, "2024")
+        register_images(session, named, [("/data/r/a.png", 1, 1)])
+        taken = create_job(session, str(filled["first"]))  # a name that is also another job's id
+        register_images(session, taken, [("/data/r/b.png", 1, 1)])
+        session.commit()
+        assert paths(query_results(session, job="2024")) == ["/data/r/a.png"]
+        assert paths(query_results(session, job=str(named.id))) == ["/data/r/a.png"]
+        assert len(query_results(session, job=str(filled["first"]))) == 5  # the id wins over the name
+        assert query_results(session, job="\u00b2") == []  # a digit to str.isdigit, not to int()
+
+
 def test_pages_and_limit_across_pages(filled, monkeypatch):
     monkeypatch.setattr(db.queries, "PAGE", 2)
     with session_factory(filled["url"])() as session:
