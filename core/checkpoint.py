@@ -149,14 +149,24 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON metadata of the checkpoint at ``path`` (raises ``CheckpointError`` when missing or invalid)."""
+def read_metadata_bytes(path: str | os.PathLike) -> bytes:
+    """The raw bytes of the JSON metadata of the checkpoint at ``path`` (``CheckpointError`` when unreadable)."""
     meta_file = metadata_path(path)
     try:
-        meta = json.loads(meta_file.read_text())
+        return meta_file.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint metadata not found: {meta_file} (expected beside {Path(path).name})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint metadata {meta_file}: {exc.strerror or exc}") from None
+
+
+def read_metadata(path: str | os.PathLike, data: bytes | None = None) -> dict:
+    """The JSON metadata of the checkpoint at ``path``, parsed from ``data`` when given (the file's bytes, already
+    read), else read from the file. Raises ``CheckpointError`` when missing or invalid."""
+    meta_file = metadata_path(path)
+    try:
+        meta = json.loads(read_metadata_bytes(path) if data is None else data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_file}: {exc}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"corrupt checkpoint metadata {meta_file}: not a JSON object")

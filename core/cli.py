@@ -875,11 +875,17 @@ def models_show(
         file_check = str(exc)
     doc = {
         "version": row.version, "number": row.number, "status": row.status, "arch": row.arch, "parent": row.parent,
-        "path": row.path, "sha256": row.sha256, "file": file_check, "created_at": row.created_at.isoformat(),
+        "path": row.path, "sha256": row.sha256, "metadata_sha256": row.metadata_sha256, "file": file_check, "created_at": row.created_at.isoformat(),
         "promoted_at": row.promoted_at.isoformat() if row.promoted_at else None, "task_id": row.task_id,
         "metrics": row.metrics, "data_summary": row.data_summary,
     }  # fmt: skip
     typer.echo(json.dumps(doc, indent=2, default=str))
+
+
+CHAMPION_RACE = (
+    "another promotion or rollback changed the champion at the same moment; nothing was changed: "
+    "see `captcha-queue models` and try again"
+)
 
 
 @models_app.command("promote")
@@ -888,6 +894,8 @@ def models_promote(
     database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
 ) -> None:
     """Make a version the champion (its file is checked first); workers switch to it within seconds."""
+    from sqlalchemy.exc import IntegrityError
+
     from core.checkpoint import CheckpointError
     from core.registry import RegistryError, champion, promote
 
@@ -896,24 +904,30 @@ def models_promote(
         previous = before.version if before else "the configured checkpoint"
         try:
             row = promote(session, version)
+            session.commit()
         except (RegistryError, CheckpointError) as exc:
             raise _fail(str(exc)) from None
-        session.commit()
+        except IntegrityError:
+            raise _fail(CHAMPION_RACE) from None
         typer.echo(f"{row.version} is the champion (was {previous})")
 
 
 @models_app.command("rollback")
 def models_rollback(database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP)) -> None:
     """Retire the champion and restore the version that was champion before it."""
+    from sqlalchemy.exc import IntegrityError
+
     from core.checkpoint import CheckpointError
     from core.registry import RegistryError, rollback
 
     with _models_session(database_url) as session:
         try:
             retired, restored = rollback(session)
+            session.commit()
         except (RegistryError, CheckpointError) as exc:
             raise _fail(str(exc)) from None
-        session.commit()
+        except IntegrityError:
+            raise _fail(CHAMPION_RACE) from None
         now = restored.version if restored else "no champion: workers serve the configured checkpoint"
         typer.echo(f"{retired.version} retired; champion: {now}")
 

@@ -8,8 +8,9 @@ most a complete, unreferenced file). The version string stored in the checkpoint
 
 At most one row has status ``champion``: the version workers decode with (none: the configured checkpoint).
 Promotion moves the previous champion back to ``ready``; rollback retires the champion and restores the version
-that was champion before it. Loading always checks the file's sha256 against the row before reading the weights
-(safetensors, never unpickled).
+that was champion before it; a partial unique index holds the rule when two promotions race (the later flush fails
+with ``IntegrityError``). Loading always checks the sha256 of the weights and of their metadata file against the row
+before reading them (safetensors and JSON, never unpickled).
 
 Functions take a ``Session`` first and never commit; the caller owns the transaction.
 """
@@ -25,7 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.checkpoint import CheckpointError, read_metadata, sha256_file
+from core.checkpoint import CheckpointError, metadata_path, read_metadata, read_metadata_bytes, sha256_file
 from db.models import ModelVersion, utcnow
 
 if TYPE_CHECKING:
@@ -89,10 +90,12 @@ def publish(
         {"version": version_string(number), "metrics": metrics, "data_summary": data_summary,
          "train_config": train_config or {}, "parent": parent},
     )  # fmt: skip
-    meta = read_metadata(path)
+    meta_bytes = read_metadata_bytes(path)
+    meta = read_metadata(path, meta_bytes)
     row = ModelVersion(
-        number=number, arch=meta["arch"], parent=parent, path=str(path), sha256=meta["sha256"], metrics=metrics,
-        data_summary=data_summary, status="ready", created_at=utcnow(), task_id=task_id,
+        number=number, arch=meta["arch"], parent=parent, path=str(path), sha256=meta["sha256"],
+        metadata_sha256=hashlib.sha256(meta_bytes).hexdigest(), metrics=metrics, data_summary=data_summary,
+        status="ready", created_at=utcnow(), task_id=task_id,
     )  # fmt: skip
     session.add(row)
     try:
@@ -142,14 +145,18 @@ def rollback(session: Session) -> tuple[ModelVersion, ModelVersion | None]:
 
 
 def verify(row: ModelVersion) -> Path:
-    """Check that version ``row``'s weights exist and hash to the sha256 recorded in its row; return the path.
+    """Check that version ``row``'s weights exist and hash to the sha256 recorded in its row, and so does their
+    metadata file where the row records one; return the path of the weights.
 
     Raises ``CheckpointError`` naming the version and the problem (missing file, changed bytes).
     """
-    path = Path(row.path)
+    version, path = version_string(row.number), Path(row.path)
     if not path.is_file():
-        raise CheckpointError(f"{version_string(row.number)}: checkpoint file missing: {path}")
-    _check_sha256(version_string(row.number), path, sha256_file(path), row.sha256)
+        raise CheckpointError(f"{version}: checkpoint file missing: {path}")
+    _check_sha256(version, path, sha256_file(path), row.sha256)
+    if row.metadata_sha256 is not None:
+        meta = read_metadata_bytes(path)
+        _check_sha256(version, metadata_path(path), hashlib.sha256(meta).hexdigest(), row.metadata_sha256)
     return path
 
 
@@ -163,11 +170,13 @@ def _check_sha256(version: str, path: Path, actual: str, recorded: str) -> None:
 
 @dataclass(frozen=True)
 class VersionRef:
-    """What a worker needs to load a version outside a session: its number, path and recorded sha256."""
+    """What a worker needs to load a version outside a session: its number, path and recorded sha256s (of the
+    weights, and of their metadata file: None for rows older than that check)."""
 
     number: int
     path: str
     sha256: str
+    metadata_sha256: str | None = None
 
     @property
     def version(self) -> str:
@@ -175,13 +184,14 @@ class VersionRef:
 
     @classmethod
     def of(cls, row: ModelVersion) -> VersionRef:
-        return cls(row.number, row.path, row.sha256)
+        return cls(row.number, row.path, row.sha256, row.metadata_sha256)
 
 
 def load_version(ref: VersionRef | ModelVersion, device: str = "cpu") -> Detector:
-    """A ``Detector`` for a version, after checking its sha256 against the row (``CheckpointError`` if it differs).
+    """A ``Detector`` for a version, after checking the sha256 of its weights and of its metadata against the row
+    (``CheckpointError`` if either differs, or if anything else stops the load).
 
-    The weights are read once into memory, hashed and loaded from those same bytes, so a file replaced between the
+    Both files are read once into memory, hashed and loaded from those same bytes, so a file replaced between the
     check and the load cannot slip through.
     """
     from safetensors.torch import load as load_bytes
@@ -197,16 +207,19 @@ def load_version(ref: VersionRef | ModelVersion, device: str = "cpu") -> Detecto
     except OSError as exc:
         raise CheckpointError(f"{ref.version}: cannot read checkpoint {path}: {exc.strerror or exc}") from None
     _check_sha256(ref.version, path, hashlib.sha256(data).hexdigest(), ref.sha256)
-    meta = read_metadata(path)
+    meta_bytes = read_metadata_bytes(path)
+    if ref.metadata_sha256 is not None:
+        _check_sha256(ref.version, metadata_path(path), hashlib.sha256(meta_bytes).hexdigest(), ref.metadata_sha256)
+    meta = read_metadata(path, meta_bytes)
     if meta["sha256"] != ref.sha256 or meta["charset"] != CHARS:
         raise CheckpointError(f"{ref.version}: metadata {path.with_suffix('.json')} does not describe these weights")
+    from core.config import get_settings
+
     try:
         state = load_bytes(data)
         model = build_model(**meta["model_config"])
         model.load_state_dict(state, strict=True)
-    except Exception as exc:  # corrupt tensors or weights that do not fit the architecture
-        raise CheckpointError(f"{ref.version}: cannot load {path}: {exc}") from None
-    from core.config import get_settings
-
-    dev = resolve_device(device)
-    return Detector(model.to(dev).eval(), path, meta, dev, get_settings().precision)
+        dev = resolve_device(device)
+        return Detector(model.to(dev).eval(), path, meta, dev, get_settings().precision)
+    except Exception as exc:  # corrupt tensors, weights that do not fit the architecture, no room on the device
+        raise CheckpointError(f"{ref.version}: cannot load {path}: {type(exc).__name__}: {exc}") from None

@@ -11,7 +11,9 @@ worse than the champion on the same validation images.
 3. It evaluates the current champion (none: the configured checkpoint) on the validation images the run used, and
    publishes the best epoch's weights as the next version (``core.registry.publish``). The version becomes champion
    when its validation sequence accuracy is at least the baseline's, or when the request says ``force``. The
-   version row, the promotion and the run's outcome are committed in one transaction.
+   version row, the promotion and the run's outcome are committed in one transaction. When another version became
+   champion while the run was evaluating or publishing, the comparison no longer holds: the new version stays
+   ``ready`` (unless forced) and the run's promotion note says so.
 
 A run killed at any point leaves no version row and no partial file in the store (only its staging folder).
 """
@@ -184,23 +186,25 @@ def _starting_point(session: Session, request: RetrainRequest) -> tuple[Path | N
 
 
 def _baseline(session: Session, val_set: Any, request: RetrainRequest) -> dict[str, Any]:
-    """The current champion (or the configured checkpoint) scored on ``val_set``."""
+    """The current champion (or the configured checkpoint) scored on ``val_set``; ``champion`` is its version number
+    (None: the configured checkpoint), which ``_publish`` checks again before promoting."""
     from core.detector import Detector
     from core.train import validate
 
     row = champion(session)
+    number = {"champion": row.number if row is not None else None}
     try:
         if row is not None:
             detector = load_version(VersionRef.of(row), device=request.device)
         else:
             path = configured_checkpoint()
             if path is None:
-                return {"version": None, "val_sequence_accuracy": None, "note": "no champion and no checkpoint"}
+                return {"version": None, **number, "val_sequence_accuracy": None, "note": "no champion and no checkpoint"}
             detector = Detector.load(path, device=request.device)
     except CheckpointError as exc:
-        return {"version": row.version if row else None, "val_sequence_accuracy": None, "error": str(exc)}
+        return {"version": row.version if row else None, **number, "val_sequence_accuracy": None, "error": str(exc)}
     scores = validate(detector.model, val_set, request.val_batch_size, detector.device, precision=detector.precision)
-    return {"version": detector.version, **scores}
+    return {"version": detector.version, **number, **scores}
 
 
 def _validation_set(cfg: Any) -> Any:
@@ -275,8 +279,11 @@ def run_retrain(
         accuracy = result.metrics["val_sequence_accuracy"]
         promoted, reason = should_promote(accuracy, baseline, request.force)
         metrics = {**result.metrics, "best_epoch": result.best_epoch, "baseline": baseline, "promotion": reason}
-        row_number = _publish(sessions, task_id, model, store, parent, metrics, meta, promoted)
-        log.info("training %s: published v%d (%s)", task_id, row_number, reason)
+        row_number, promoted = _publish(
+            sessions, task_id, model, store, parent, metrics, meta, promoted,
+            baseline_champion=baseline.get("champion"), check=not request.force,
+        )  # fmt: skip
+        log.info("training %s: published v%d (%s)", task_id, row_number, metrics["promotion"])
         return RetrainOutcome(status="succeeded", version=row_number, promoted=promoted, metrics=metrics)
     except BaseException as exc:
         try:
@@ -297,13 +304,31 @@ def _publish(
     metrics: dict[str, Any],
     meta: dict[str, Any],
     promoted: bool,
-) -> int:
-    """Publish the version, promote it if asked and finish the run, in one transaction (retried when another
-    publisher took the same number)."""
+    *,
+    baseline_champion: int | None = None,
+    check: bool = True,
+) -> tuple[int, bool]:
+    """Publish the version, promote it if asked and finish the run, in one transaction; returns the version number
+    and whether it became champion.
+
+    With ``check``, a promotion goes ahead only while the champion is still ``baseline_champion`` (the version the
+    run was compared with; None: no champion); otherwise the version stays ``ready`` and ``metrics["promotion"]``
+    says why. The transaction is retried when another publisher took the same number, or promoted at the same
+    moment (the one-champion index refused this one's promotion).
+    """
     attempt = 1
     while True:
         try:
             with sessions() as session, session.begin():
+                if promoted and check:
+                    current = champion(session)
+                    number = current.number if current is not None else None
+                    if number != baseline_champion:
+                        promoted = False
+                        metrics["promotion"] = (
+                            f"not promoted: {_name(number)} became champion while this run was being compared with "
+                            f"{_name(baseline_champion)}; compare them and promote by hand"
+                        )
                 row = publish(
                     session, model, store, token=task_id[:8], parent=parent, metrics=metrics,
                     data_summary=meta.get("data_summary", {}), train_config=meta.get("train_config", {}),
@@ -317,8 +342,12 @@ def _publish(
                     .values(status="succeeded", version=row.number, promoted=promoted, progress={**metrics},
                             finished_at=utcnow(), updated_at=utcnow())
                 )  # fmt: skip
-                return row.number
+                return row.number, promoted
         except IntegrityError:
             if attempt == PUBLISH_ATTEMPTS:
                 raise
             attempt += 1
+
+
+def _name(number: int | None) -> str:
+    return f"v{number}" if number is not None else "the configured checkpoint"

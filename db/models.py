@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -158,13 +159,21 @@ class ModelVersion(Base):
     """A trained checkpoint known to the service (``number`` is the user-facing version number)."""
 
     __tablename__ = "model_versions"
+    __table_args__ = (
+        # at most one champion, whatever two promoters do at the same time: the second one's flush fails
+        Index(
+            "uq_model_versions_one_champion", "status", unique=True,
+            sqlite_where=text("status = 'champion'"), postgresql_where=text("status = 'champion'"),
+        ),
+    )  # fmt: skip
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     number: Mapped[int] = mapped_column(Integer, unique=True)
     arch: Mapped[str] = mapped_column(String(32))
     parent: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the weights (.safetensors)
+    metadata_sha256: Mapped[str | None] = mapped_column(String(64))  # of the .json beside them (None: older rows)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     data_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="ready", index=True)

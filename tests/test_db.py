@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from db.models import Base, Character, Image, Job, Result
 from db.repository import (
@@ -20,7 +21,7 @@ from db.repository import (
     record_outcomes,
     register_images,
 )
-from db.session import dispose_engines, make_engine, session_factory, upgrade
+from db.session import alembic_config, dispose_engines, make_engine, session_factory, upgrade
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -60,8 +61,28 @@ def test_upgrade_is_idempotent_and_runs_from_any_cwd(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'sub' / 'q.db'}"
     upgrade(url)
     upgrade(url)
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     with make_engine(url).connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == head == "0003"
+    dispose_engines()
+
+
+def test_upgrade_keeps_one_champion(sqlite_url):
+    """A database that already holds two champions keeps the one promoted last; then a second one is refused."""
+    upgrade(sqlite_url, "0002")
+    rows = [(1, "champion", "2026-01-01 00:00:00"), (2, "champion", "2026-01-02 00:00:00"), (3, "ready", None)]
+    with make_engine(sqlite_url).begin() as conn:
+        for number, status, promoted in rows:
+            conn.execute(sa.text(
+                "INSERT INTO model_versions (number, arch, path, sha256, metrics, data_summary, status, created_at, "
+                "promoted_at) VALUES (:n, 'fast', '/x', 'ab', '{}', '{}', :s, '2026-01-01 00:00:00', :p)"
+            ), {"n": number, "s": status, "p": promoted})  # fmt: skip
+    upgrade(sqlite_url)
+    with make_engine(sqlite_url).connect() as conn:
+        statuses = conn.execute(sa.text("SELECT number, status FROM model_versions ORDER BY number")).all()
+        assert statuses == [(1, "ready"), (2, "champion"), (3, "ready")]
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.execute(sa.text("UPDATE model_versions SET status = 'champion' WHERE number = 3"))
     dispose_engines()
 
 

@@ -250,3 +250,98 @@ def test_store_and_hot_reload_on_postgres(postgres_url, tmp_path):
                                                                                     (1, "champion", {"m": 1})]
         events = session.scalars(sa.select(WorkerEvent.event).order_by(WorkerEvent.id)).all()
     assert events == ["load", "switch"]
+
+
+def publish_tiny(sessions, store: Path, count: int) -> list[int]:
+    """``count`` versions of one tiny random network, published directly (no training); returns their numbers."""
+    from core.models import build_model
+    from core.registry import publish
+
+    model = build_model("fast", **TINY)
+    with sessions() as session, session.begin():
+        return [publish(session, model, store, token=f"t{k}", parent=None, metrics={}, data_summary={}).number
+                for k in range(count)]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_two_promotions_at_once_leave_one_champion(backend, request, tmp_path):
+    """A promoter that read the champion before another one committed cannot add a second champion."""
+    from sqlalchemy.exc import IntegrityError
+
+    from db.session import dispose_engines, session_factory, upgrade
+
+    url = request.getfixturevalue(f"{backend}_url")
+    upgrade(url)
+    sessions = session_factory(url)
+    v1, v2, v3 = publish_tiny(sessions, tmp_path, 3)
+    with sessions() as session, session.begin():
+        promote(session, v1)
+    with sessions() as late:
+        stale = champion(late)  # v1, read before the other promotion commits
+        with sessions() as first, first.begin():
+            promote(first, v2)
+        stale.status = "ready"
+        get_version(late, v3).status = "champion"
+        with pytest.raises(IntegrityError):
+            late.flush()
+    with sessions() as session:
+        assert [(v.number, v.status) for v in list_versions(session)] == [(v3, "ready"), (v2, "champion"),
+                                                                        (v1, "ready")]
+    dispose_engines()
+
+
+def test_a_run_compared_with_an_old_champion_is_not_promoted(env, data):
+    """Another version became champion while the run was being compared: the new one stays ready, and says why."""
+    from core.checkpoint import load_checkpoint
+    from core.retrain import _publish, claim_run
+
+    sessions, store = env
+    run_retrain("task-base", request(data, force=True), sessions)  # v1, champion
+    with sessions() as session:
+        model, meta = load_checkpoint(get_version(session, 1).path)
+    metrics = {"promotion": "promoted: validation sequence accuracy 1.0 >= 0.5 of the configured checkpoint"}
+    assert claim_run(sessions, "task-late", request(data), "w")
+    number, promoted = _publish(sessions, "task-late", model, store, None, metrics, meta, True, baseline_champion=None)
+    assert (number, promoted) == (2, False)
+    assert metrics["promotion"].startswith("not promoted: v1 became champion while this run was being compared with "
+                                           "the configured checkpoint")
+    with sessions() as session:
+        assert champion(session).number == 1 and get_version(session, 2).status == "ready"
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "task-late"))
+        assert (run.status, run.version, run.promoted) == ("succeeded", 2, False)
+    number, promoted = _publish(sessions, "task-late", model, store, None, dict(metrics), meta, True,
+                                baseline_champion=1)  # fmt: skip
+    assert (number, promoted) == (3, True)
+
+
+def test_changed_metadata_is_refused_and_the_worker_keeps_its_model(env):
+    """The JSON beside the weights is checked too: an edited decode setting would change what a version reads."""
+    import json
+
+    from worker.hot_reload import DetectorHolder
+
+    sessions, store = env
+    v1, v2 = publish_tiny(sessions, store, 2)
+    with sessions() as session, session.begin():
+        promote(session, v1)
+    holder = DetectorHolder(sessions, "cpu", poll_interval=0.0, retry_after=0.0)
+    assert holder.current().version == "v1"
+    with sessions() as session:
+        row = get_version(session, v2)
+    meta_file = Path(row.path).with_suffix(".json")
+    meta = json.loads(meta_file.read_text())
+    meta["model_config"]["score_thresh"] = 0.01
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"v2: .*\.json does not match its recorded sha256"):
+        verify(row)
+    with pytest.raises(CheckpointError, match=r"v2: .*\.json does not match its recorded sha256"):
+        load_version(row)
+    with sessions() as session, pytest.raises(CheckpointError, match="sha256"):
+        promote(session, v2)
+    with sessions() as session, session.begin():  # promoted behind the check's back: the worker refuses it
+        get_version(session, v1).status = "ready"
+        session.flush()
+        get_version(session, v2).status = "champion"
+    assert holder.current().version == "v1"
+    with sessions() as session:
+        assert session.scalars(sa.select(WorkerEvent.event).order_by(WorkerEvent.id)).all() == ["load", "refused"]

@@ -2,14 +2,14 @@
 
 ``DetectorHolder.current()`` is called before every batch. At most every ``poll_interval`` seconds it reads the
 champion row (one indexed query); when the champion changed it loads the new version (sha256 checked against the
-row, weights read with safetensors) and swaps it in for the following batches, so every batch is decoded by
+row for the weights and for their metadata, weights read with safetensors) and swaps it in for the following batches, so every batch is decoded by
 exactly one version and every result row names it. When there is no champion the process serves the configured
 checkpoint (``Settings.checkpoint`` or the shipped one).
 
-A champion that cannot be loaded (missing file, changed bytes, weights that do not fit) is refused: the error is
-logged and recorded, and the process keeps serving the version it has; it tries that champion again after
-``retry_after`` seconds. Every load, switch and refusal is a ``worker_events`` row (host, pid, old and new version,
-time) and a log line.
+A champion that cannot be loaded (missing file, changed bytes, weights that do not fit, no room on the device) is
+refused: the error is logged and recorded, and the process keeps serving the version it has; it tries that
+champion again after ``retry_after`` seconds. Every load, switch and refusal is a ``worker_events`` row (host, pid,
+old and new version, time) and a log line.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class DetectorHolder:
         self.retry_after = retry_after
         self.clock = clock
         self.detector: Any = None  # core.detector.Detector
-        self.source: tuple | None = None  # ("version", number, sha256, path) or ("checkpoint", path)
+        self.source: tuple | None = None  # ("version", number, sha256, path, metadata sha256) or ("checkpoint", path)
         self._next_poll = 0.0
         self._refused: dict[tuple, float] = {}  # source -> when it may be tried again
 
@@ -88,7 +88,7 @@ class DetectorHolder:
             return
         candidates: list[tuple] = []
         if row is not None:
-            candidates.append(("version", row.number, row.sha256, row.path))
+            candidates.append(("version", row.number, row.sha256, row.path, row.metadata_sha256))
         if row is None or self.detector is None:  # no champion, or the champion may be refused at start
             candidates.append(("checkpoint", str(self.fallback)))
         for source in candidates:
@@ -99,7 +99,7 @@ class DetectorHolder:
             old = self.detector.version if self.detector is not None else None
             try:
                 detector = self._load(source)
-            except CheckpointError as exc:
+            except Exception as exc:  # a bad file (CheckpointError), or e.g. no room on the device: keep serving
                 self._refused[source] = now + self.retry_after
                 target = f"v{source[1]}" if source[0] == "version" else source[1]
                 log.error("pid %d: refusing model %s: %s (serving %s)", os.getpid(), target, exc, old or "nothing yet")
@@ -121,8 +121,8 @@ class DetectorHolder:
         from core.registry import VersionRef, load_version
 
         if source[0] == "version":
-            _, number, sha256, path = source
-            return load_version(VersionRef(number, path, sha256), device=self.device)
+            _, number, sha256, path, metadata_sha256 = source
+            return load_version(VersionRef(number, path, sha256, metadata_sha256), device=self.device)
         return Detector.load(self.fallback, device=self.device)
 
     def _record(self, event: str, old: str | None, new: str | None, detail: str | None) -> None:
