@@ -1,12 +1,15 @@
 """Reading images safely: any PNG/JPEG/BMP/WebP in any mode becomes an RGB image; failures get readable reasons.
 
 Transparent pixels are composited on white (``Image.convert('RGB')`` alone would keep whatever colour they store,
-often black). Truncated files are errors, never silently padded. Size limits guard against decompression bombs.
+often black): alpha channels, palettes with alpha, and the single transparent colour of a grayscale or RGB PNG
+(``tRNS``). Truncated files are errors, never silently padded. Size limits guard against decompression bombs. Only
+regular files are opened: a FIFO or a device at an image's path would block the reader forever.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -24,7 +27,10 @@ class ImageError(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB, compositing transparency (RGBA, LA, P with transparency) on white."""
+    """Convert any PIL mode to RGB, compositing transparency on white: an alpha channel (RGBA, LA, PA), a palette
+    with alpha or a transparent index (P), or the transparent colour of a grayscale or RGB PNG (``tRNS``)."""
+    if img.mode in ("L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -35,7 +41,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         hi = arr.max() if arr.size else 0.0
         arr = (arr * (255.0 / hi)) if hi > 255 else arr
         img = Image.fromarray(arr.clip(0, 255).astype("uint8"), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
+    if img.mode == "P" and ("transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA")):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
@@ -52,18 +58,24 @@ def load_image(
 ) -> Image.Image:
     """Open ``path`` and return a fully decoded RGB image.
 
-    Raises ``ImageError`` with a readable reason for: a missing file, a directory, an empty file, a file that is
-    not an image, a truncated image, an image over ``max_pixels`` or wider than ``max_width``.
+    Raises ``ImageError`` with a readable reason for: a missing file, a directory or another file that is not a
+    regular one (a FIFO, a socket, a device), an empty file, a file that is not an image, a truncated image, an image
+    over ``max_pixels`` or wider than ``max_width``.
     """
     p = Path(path)
     try:
-        size = p.stat().st_size
+        st = p.stat()
     except FileNotFoundError:
         raise ImageError(f"file not found: {p}") from None
     except OSError as exc:
         raise ImageError(f"cannot access file: {exc.strerror or exc}") from None
-    if p.is_dir():
+    except ValueError:  # a NUL byte in the path
+        raise ImageError("invalid path (contains a NUL byte)") from None
+    size = st.st_size
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"is a directory, not an image: {p}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"not a regular file (a FIFO, socket or device), not an image: {p}")
     if size == 0:
         raise ImageError("empty file (0 bytes)")
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -55,3 +56,12 @@ def is_allowed(path: str | os.PathLike, roots: Sequence[Path]) -> bool:
         return True
     real = Path(os.path.realpath(path))
     return any(real == root or root in real.parents for root in roots)
+
+
+def is_regular_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (links followed) is a regular file, so opening it cannot block (a FIFO or a device would).
+    Never raises: a missing or unreadable path, or one with a NUL byte, is not one."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False

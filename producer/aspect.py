@@ -11,13 +11,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from core.paths import text_to_path
+from core.paths import is_regular_file, text_to_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def read_aspect(path: str) -> float:
     """Width / height of the image at ``path`` from its header; 0.0 when it cannot be read (the worker reports why)."""
+    if not is_regular_file(path):  # a FIFO would block the read
+        return 0.0
     try:
         with open(path, "rb") as f:
             head = f.read(24)

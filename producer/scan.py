@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ def scan(
         except OSError as exc:
             raise ScanError(f"cannot read {root_path}: {exc.strerror or exc}") from None
         if not os.path.isdir(root_path):
-            if not root_path.lower().endswith(SUPPORTED_SUFFIXES):
+            if not root_path.lower().endswith(SUPPORTED_SUFFIXES) or not stat.S_ISREG(st.st_mode):
                 raise ScanError(f"not a directory or a supported image file: {root_path}")
             if root_path not in seen_paths:
                 seen_paths.add(root_path)

@@ -65,6 +65,8 @@ def build_folder(root: Path, outside: Path, captchas: list[Path]) -> dict[str, t
     png_header_only(add("bomb", "decompression bomb"), 30_000, 30_000)  # 900 M pixels > 2 x Pillow's limit
     Image.new("RGB", (20_000, 80), "white").save(add("wide", "too wide"))
     add("missing", "file not found")  # registered, then never written
+    os.mkfifo(add("fifo", "not a regular file"))  # opening it would block the reader for ever
+    files["nul"] = (root / "nul\x00byte-0.png", "NUL byte")  # a crafted message path
     secret = outside / "secret-0.png"
     secret.write_bytes(good.read_bytes())
     files["outside"] = (secret, "allowed roots")
@@ -84,6 +86,18 @@ def build_folder(root: Path, outside: Path, captchas: list[Path]) -> dict[str, t
     arr[white] = 0
     alpha = np.where(white, 0, 255).astype(np.uint8)
     Image.fromarray(np.dstack([arr, alpha])).save(add("rgba", None))
+    # the one transparent colour of a grayscale and of an RGB PNG (tRNS): white pixels stored as the key colour
+    gray = np.asarray(rgb.convert("L")).copy()
+    gray[gray == 1] = 2  # the key colour marks only the transparent pixels
+    Image.fromarray(gray).save(add("gray-opaque", None))
+    keyed = np.where(gray == 255, 1, gray).astype(np.uint8)
+    Image.fromarray(keyed).save(add("gray-keyed", None), transparency=1)
+    colour = np.asarray(rgb).copy()
+    colour[(colour == (1, 2, 3)).all(axis=2)] = (1, 2, 4)
+    Image.fromarray(colour).save(add("rgb-opaque", None))
+    keyed = colour.copy()
+    keyed[(colour == 255).all(axis=2)] = (1, 2, 3)
+    Image.fromarray(keyed).save(add("rgb-keyed", None), transparency=(1, 2, 3))
     name = os.fsdecode(os.fsencode(root) + b"/" + NON_UTF8_NAME)
     rgb.save(name, format="PNG")
     files["non-utf8"] = (Path(name), None)
@@ -173,9 +187,26 @@ def test_one_message_of_bad_files_fails_each_with_its_reason_and_decodes_the_res
             assert got[name]["status"] == "failed" and reason in got[name]["error"], (name, got[name]["error"])
     # transparency composited on white gives back the RGB image, so the same string
     assert np.array_equal(np.asarray(load_image(files["rgba"][0])), np.asarray(load_image(files["rgb"][0])))
+    for keyed in ("gray", "rgb"):
+        opaque = np.asarray(load_image(files[f"{keyed}-opaque"][0]))
+        assert np.array_equal(np.asarray(load_image(files[f"{keyed}-keyed"][0])), opaque), keyed
+        assert got[f"{keyed}-keyed"]["text"] == got[f"{keyed}-opaque"]["text"]
     assert got["rgba"]["text"] == got["rgb"]["text"] == got["non-utf8"]["text"]
     assert got["rgb"]["text"]  # the model emits characters, so equal strings mean something
     assert "\\xe9" in path_to_text(files["non-utf8"][0])
+
+
+def test_a_palette_with_alpha_is_composited_on_white():
+    """An in-memory palette image whose palette carries alpha (``quantize`` of an RGBA image) has no
+    ``info["transparency"]``; its transparent pixels are white all the same."""
+    from core.images import to_rgb
+
+    arr = np.zeros((4, 6, 4), dtype=np.uint8)
+    arr[:, :3] = (200, 10, 10, 255)  # opaque red on the left, transparent black on the right
+    quantized = Image.fromarray(arr).quantize(colors=4)
+    assert quantized.mode == "P" and quantized.palette.mode == "RGBA" and "transparency" not in quantized.info
+    out = np.asarray(to_rgb(quantized))
+    assert (out[:, 3:] == 255).all() and (out[:, :3, 0] > 150).all() and (out[:, :3, 1] < 60).all()
 
 
 def test_unexpected_decoder_errors_fail_the_image_not_the_batch(detector, captchas, monkeypatch, sqlite_url):
@@ -278,14 +309,17 @@ def test_a_real_worker_survives_a_folder_of_bad_files(tmp_path, captchas, checkp
             # the producer here has no allowed roots: the worker must not trust the message
             report = enqueue([tmp_path / "root", files["outside"][0]], recursive=True, queue=queue,
                              database_url=sqlite_url, broker_url=redis_url, warn=warnings.append)  # fmt: skip
-            missing = len([n for n, (p, _) in files.items() if not os.path.lexists(p)])
-            assert report.enqueued == len(files) - missing  # the loop added nothing twice
+            # the scan lists regular files only: not the missing one, the crafted NUL path or the FIFO
+            unlisted = {n for n, (p, _) in files.items() if not os.path.lexists(p)} | {"fifo"}
+            assert unlisted == {"missing", "nul", "fifo"}
+            assert report.enqueued == len(files) - len(unlisted)  # the loop added nothing twice
             assert any("loop" in w for w in warnings)
             waited = wait_for_job(report.job_id, database_url=sqlite_url, timeout_s=120)
             assert waited.pending == 0, worker.log()[-3000:]
             got = rows(sqlite_url)
             for name, (path, reason) in files.items():
-                if name == "missing":
+                if name in unlisted:
+                    assert path_to_text(path) not in got
                     continue
                 row = got[path_to_text(path)]
                 if reason is None:

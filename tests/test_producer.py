@@ -80,6 +80,9 @@ def test_scan_refuses_a_missing_root(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ScanError, match="not a directory or a supported image"):
         list(scan([tmp_path / "file.txt"]))
+    os.mkfifo(tmp_path / "fifo-0.png")  # named like an image, but reading it would block
+    with pytest.raises(ScanError, match="not a directory or a supported image"):
+        list(scan([tmp_path / "fifo-0.png"]))
 
 
 def test_read_aspect_from_headers(tmp_path):

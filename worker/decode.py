@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from core.images import ImageError, load_image
-from core.paths import is_allowed, safe_text, text_to_path
+from core.paths import is_allowed, is_regular_file, safe_text, text_to_path
 from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,11 @@ def probe_aspect(path: str, allowed_roots: Sequence[Path] = ()) -> float:
     """Width / height from the file header (no pixel decoding); 0.0 when it cannot be read (it fails later).
 
     ``path`` is in the queue's text form (``core.paths.path_to_text``)."""
-    fs_path = os.path.realpath(text_to_path(path))
-    if not is_allowed(fs_path, allowed_roots):
+    try:
+        fs_path = os.path.realpath(text_to_path(path))
+    except ValueError:  # a NUL byte: load_batch fails it with the reason
+        return 0.0
+    if not is_allowed(fs_path, allowed_roots) or not is_regular_file(fs_path):
         return 0.0
     try:
         with Image.open(fs_path) as img:
@@ -115,8 +118,13 @@ def load_batch(
     for image_id, path in items:
         start = time.perf_counter()
         image, error = None, None
-        fs_path = os.path.realpath(text_to_path(path))
-        if not is_allowed(fs_path, allowed_roots):
+        try:
+            fs_path: str | None = os.path.realpath(text_to_path(path))
+        except ValueError:  # a NUL byte
+            fs_path = None
+        if fs_path is None:
+            error = "invalid path (contains a NUL byte)"
+        elif not is_allowed(fs_path, allowed_roots):
             error = "path outside the allowed roots (CAPTCHA_ALLOWED_ROOTS)"
         else:
             try:
