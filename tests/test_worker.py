@@ -329,6 +329,27 @@ def test_worker_argv_picks_the_pool_and_refuses_several_processes_per_gpu():
         worker_argv(concurrency=2, pool="solo")
 
 
+def test_device_auto_on_a_gpu_machine_is_held_to_one_process():
+    from worker.main import cuda_in_child, resolve_worker_device
+
+    gpu, no_gpu = (lambda: True), (lambda: False)
+    assert resolve_worker_device("auto", 4, "auto", gpu) == "cuda"
+    with pytest.raises(WorkerConfigError, match="one worker per GPU"):
+        worker_argv(concurrency=4, device=resolve_worker_device("auto", 4, "auto", gpu))
+    assert resolve_worker_device("auto", 1, "threads", gpu) == "cuda"
+    assert resolve_worker_device("auto", 4, "auto", no_gpu) == "auto"
+    assert "--pool=prefork" in worker_argv(concurrency=4, device=resolve_worker_device("auto", 4, "auto", no_gpu))
+
+    def never() -> bool:
+        raise AssertionError("a single solo process need not ask")
+
+    assert resolve_worker_device("auto", 1, "auto", never) == "auto"
+    assert resolve_worker_device("cpu", 4, "auto", never) == "cpu"
+    import torch
+
+    assert cuda_in_child() == torch.cuda.is_available()
+
+
 def test_torch_threads_split_the_cores_between_processes(monkeypatch):
     from core.config import Settings
     from worker.runtime import torch_threads

@@ -2,14 +2,19 @@
 
 Pool choice: one process (``solo`` pool: no fork at all) unless ``concurrency`` > 1 on CPU, where prefork children
 each load their own detector on their first message. A CUDA device always gets ``solo`` with one process: run one
-worker per GPU (``--device cuda:0``, ``--device cuda:1``, ...). The parent never imports torch, so nothing touches
-CUDA before a fork. Torch intra-op threads per process default to cores / concurrency.
+worker per GPU (``--device cuda:0``, ``--device cuda:1``, ...). ``--device auto`` with several processes is asked
+whether it would mean the GPU, by a short-lived child process (``resolve_worker_device``), and is then held to the
+same rule. The parent never imports torch, so nothing touches CUDA before a fork. Torch intra-op threads per process
+default to cores / concurrency.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from collections.abc import Callable
 
 from core.celery_app import DECODE_QUEUE, app
 from core.config import get_settings
@@ -59,6 +64,27 @@ def worker_argv(
     ]
 
 
+def cuda_in_child() -> bool:
+    """Whether PyTorch sees a CUDA device, asked in a child process so that this one never touches CUDA."""
+    probe = "import torch; print(int(torch.cuda.is_available()))"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.stdout.strip().endswith("1")
+
+
+def resolve_worker_device(
+    device: str, concurrency: int, pool: str, cuda_available: Callable[[], bool] = cuda_in_child
+) -> str:
+    """``device``, except that ``auto`` becomes ``cuda`` where it would pick the GPU and the pool could run several
+    processes or threads (``worker_argv`` then refuses them, as for an explicit ``--device cuda``). A single solo
+    process keeps ``auto``, resolved when its detector loads, without asking."""
+    if device != "auto" or (concurrency == 1 and pool in ("auto", "solo")):
+        return device
+    return "cuda" if cuda_available() else device
+
+
 def start_worker(
     queues: str = DECODE_QUEUE,
     concurrency: int = 1,
@@ -70,7 +96,7 @@ def start_worker(
 ) -> None:
     """Run a worker in this process until it is stopped (SIGTERM: warm shutdown, running messages finish)."""
     settings = get_settings()
-    device = device or settings.device
+    device = resolve_worker_device(device or settings.device, concurrency, pool)
     argv = worker_argv(queues, concurrency, device, pool, loglevel, hostname)
     # pool processes read their settings from the environment they inherit
     os.environ["CAPTCHA_DEVICE"] = device
