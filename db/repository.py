@@ -176,8 +176,9 @@ def record_outcomes(session: Session, outcomes: Sequence[ImageOutcome]) -> None:
     """Write one batch of outcomes (call once per batch, inside one transaction).
 
     ``done``: upserts the ``Result`` on (image_id, model_version), replaces its characters, marks the image done.
-    ``failed``: marks the image failed with the reason; no result row is written. If an image appears twice in the
-    batch the last outcome wins. Outcomes for images that no longer exist (job deleted) are skipped with a warning.
+    ``failed``: marks the image failed with the reason, unless it is already done (a redelivered message that fails,
+    say because the file went away after it was read, never undoes a result); no result row is written. If an image
+    appears twice in the batch the last outcome wins. Outcomes for images that no longer exist (job deleted) are skipped with a warning.
     Raises ``ValueError`` on a malformed outcome before writing anything.
     """
     latest: dict[int, ImageOutcome] = {}
@@ -212,26 +213,26 @@ def record_outcomes(session: Session, outcomes: Sequence[ImageOutcome]) -> None:
         if rows:
             session.execute(insert(characters), rows)
 
-    if batch:
-        stmt = (
-            update(images)
-            .where(images.c.id == bindparam("b_id"))
-            .values(
-                status=bindparam("b_status"),
-                error=bindparam("b_error"),
-                model_version=func.coalesce(bindparam("b_version", type_=images.c.model_version.type),
-                                            images.c.model_version),
-                finished_at=bindparam("b_finished", type_=images.c.finished_at.type),
-            )
-        )  # fmt: skip
-        session.execute(
-            stmt,
-            [
-                {"b_id": o.image_id, "b_status": o.status, "b_error": o.error if o.status == "failed" else None,
-                 "b_version": o.model_version, "b_finished": now}  # fmt: skip
-                for o in batch
-            ],
+    stmt = (
+        update(images)
+        .where(images.c.id == bindparam("b_id"))
+        .values(
+            status=bindparam("b_status"),
+            error=bindparam("b_error"),
+            model_version=func.coalesce(bindparam("b_version", type_=images.c.model_version.type),
+                                        images.c.model_version),
+            finished_at=bindparam("b_finished", type_=images.c.finished_at.type),
         )
+    )  # fmt: skip
+    for status, where in (("done", None), ("failed", images.c.status != "done")):
+        params = [
+            {"b_id": o.image_id, "b_status": o.status, "b_error": o.error if o.status == "failed" else None,
+             "b_version": o.model_version, "b_finished": now}  # fmt: skip
+            for o in batch
+            if o.status == status
+        ]
+        if params:
+            session.execute(stmt if where is None else stmt.where(where), params)
 
 
 def _validate(outcome: ImageOutcome) -> None:

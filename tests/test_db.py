@@ -242,6 +242,15 @@ def test_failed_outcome_has_reason_and_no_result(db_url):
         counts = job_counts(session)
         assert (counts["done"], counts["failed"], counts["pending"]) == (1, 1, 0)
 
+        # a redelivered message that fails (the file went away after it was decoded) never undoes a result;
+        # a failed image decoded later becomes done
+        record_outcomes(session, [ImageOutcome(image_id=b, status="failed", error="file not found"), done(a, "q4")])
+        session.commit()
+        session.expire_all()
+        assert (session.get(Image, b).status, session.get(Image, b).error) == ("done", None)
+        assert (session.get(Image, a).status, session.get(Image, a).error) == ("done", None)
+        assert session.scalars(sa.select(Result.text).where(Result.image_id == b)).all() == ["7k"]
+
 
 def test_malformed_outcomes_are_refused_before_writing(db_url):
     with session_factory(db_url)() as session:
