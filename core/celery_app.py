@@ -13,13 +13,12 @@ Delivery guarantees (see README, "Design"):
   on work that an idle one could take.
 * ``visibility_timeout``: Redis hands an unacknowledged message to another worker after this many seconds. It must
   exceed the longest decode task (a message of 64 images takes seconds, about a minute on the slowest CPU model); a
-  message reserved by a worker that was killed outright comes back after it. Override it with the environment
-  variable ``CAPTCHA_VISIBILITY_TIMEOUT`` (seconds). Long tasks (retraining) must acknowledge early instead.
+  message reserved by a worker that was killed outright comes back after it. ``CAPTCHA_VISIBILITY_TIMEOUT``
+  (seconds, ``Settings.visibility_timeout``, so also from ``.env``) overrides it. Long tasks (retraining) must
+  acknowledge early instead.
 """
 
 from __future__ import annotations
-
-import os
 
 from celery import Celery
 
@@ -30,7 +29,6 @@ DECODE_QUEUE = "decode"
 TRAIN_QUEUE = "train"
 TRAIN_TASK = "worker.train"
 
-VISIBILITY_TIMEOUT_S = int(os.environ.get("CAPTCHA_VISIBILITY_TIMEOUT", "3600"))
 
 
 class CeleryConfig:
@@ -42,7 +40,7 @@ class CeleryConfig:
     # a producer whose broker restarts reconnects and publishes again (0 s, 0.5 s, ... at most 2 s apart, about 50 s)
     task_publish_retry = True
     task_publish_retry_policy = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
-    broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    broker_transport_options = {"visibility_timeout": get_settings().visibility_timeout}
 
     task_serializer = "json"
     result_serializer = "json"

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4_000_000, ge=1, description="Images with more pixels are refused")
     max_image_width: int = Field(4096, ge=1, description="Images wider than this are refused")
     torch_threads: int | None = Field(None, description="Intra-op threads per worker process (default: cores/processes)")
+    visibility_timeout: int = Field(
+        3600, ge=1, description="Seconds before Redis hands an unacknowledged message to another worker"
+    )
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

@@ -318,6 +318,20 @@ def test_celery_configuration_is_json_only_with_late_acks():
     assert app.amqp.router.route({}, "worker.train")["queue"].name == "train"
 
 
+def test_visibility_timeout_is_a_setting_read_from_dotenv_too(tmp_path):
+    """Like every CAPTCHA_ setting, the visibility timeout may come from a ``.env`` file in the working directory."""
+    import subprocess
+    import sys
+
+    (tmp_path / ".env").write_text("CAPTCHA_VISIBILITY_TIMEOUT=77\n")
+    env = {k: v for k, v in os.environ.items() if k != "CAPTCHA_VISIBILITY_TIMEOUT"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    probe = "from core.celery_app import app; print(app.conf.broker_transport_options['visibility_timeout'])"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True, timeout=120)  # fmt: skip
+    assert out.stdout.strip() == "77"
+
+
 def test_worker_argv_picks_the_pool_and_refuses_several_processes_per_gpu():
     assert "--pool=solo" in worker_argv(concurrency=1, device="cpu")
     assert "--pool=prefork" in worker_argv(concurrency=2, device="cpu")
