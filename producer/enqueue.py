@@ -191,8 +191,9 @@ def enqueue(
             session.commit()
             job_id = job.id
             for index, chunk in enumerate(chunked(rows, REGISTER_CHUNK)):
-                todo = by_aspect(register_images(session, job, chunk, force=force))
-                session.commit()
+                todo = register_images(session, job, chunk, force=force)
+                session.commit()  # before reading headers, so a SQLite write lock is never held over file reads
+                todo = by_aspect(todo)
                 skipped += len(chunk) - len(todo)
                 bar.advance(task, len(chunk) - len(todo))
                 sent_paths = 0
