@@ -94,18 +94,21 @@ def render_file(image_path: str | Path, out: str | Path, row: Mapping[str, Any],
 def render_rows(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, scale: int = 2) -> tuple[list[Path], dict]:
     """Render each decoded row of ``db.queries`` into ``out_dir/<image_id>-<stem>.png``.
 
-    Returns the written paths and ``{path: reason}`` for images that could not be read (rows without a result are
-    skipped)."""
+    Rows hold paths in their stored text form (``core.paths.path_to_text``); the image is read, and ``<stem>``
+    taken, from the file-system path it stands for. Returns the written paths and ``{path: reason}`` (text form) for
+    images that could not be read (rows without a result are skipped)."""
     from core.images import ImageError
+    from core.paths import text_to_path
 
     written: list[Path] = []
     errors: dict[str, str] = {}
     for row in rows:
         if row["text"] is None:
             continue
-        out = Path(out_dir) / f"{row['image_id']}-{Path(row['path']).stem}.png"
+        image_path = text_to_path(row["path"])
+        out = Path(out_dir) / f"{row['image_id']}-{Path(image_path).stem}.png"
         try:
-            written.append(render_file(row["path"], out, row, scale=scale))
+            written.append(render_file(image_path, out, row, scale=scale))
         except ImageError as exc:
             errors[row["path"]] = str(exc)
     return written, errors

@@ -119,6 +119,18 @@ def test_render_finds_the_stored_result_of_a_file_whose_name_is_not_utf8(tmp_pat
     for i, box in enumerate(boxes):
         assert_box_drawn(picture, box, PALETTE[i])
 
+    # and by job: the stored text form is turned back into the file's own name
+    out_dir = tmp_path / "renders"
+    try:
+        result = CliRunner().invoke(app, ["render", "--job", "render", "--out-dir", str(out_dir),
+                                          "--database-url", sqlite_url])  # fmt: skip
+    finally:
+        dispose_engines()
+    assert result.exit_code == 0, result.output
+    assert [os.fsencode(p.name) for p in out_dir.iterdir()] == [f"{image_id}-".encode() + b"k7mq\xe9-0.png"]
+    for i, box in enumerate(boxes):
+        assert_box_drawn(Image.open(next(out_dir.iterdir())).convert("RGB"), box, PALETTE[i])
+
 
 def test_render_job_dumps_pictures(stored, tmp_path):
     out_dir = tmp_path / "renders"
