@@ -209,6 +209,27 @@ def test_a_palette_with_alpha_is_composited_on_white():
     assert (out[:, 3:] == 255).all() and (out[:, :3, 0] > 150).all() and (out[:, :3, 1] < 60).all()
 
 
+def test_a_string_too_long_to_store_fails_its_image_alone(detector, captchas, sqlite_url):
+    """A model set to emit more characters than a result holds (64) fails that image, not the batch's write."""
+    import dataclasses
+
+    from db.session import session_factory
+    from worker.decode import decode_images
+
+    class Overlong:
+        version = detector.version
+
+        def predict(self, images, batch_size):
+            preds = detector.predict(images, batch_size=batch_size)
+            return [dataclasses.replace(preds[0], text="a" * 65)] + list(preds[1:])
+
+    todo = make_db(sqlite_url, [str(p) for p in captchas[:3]])
+    summary = decode_images(todo, Overlong(), session_factory(sqlite_url), 8, max_pixels=4_000_000, max_width=4096)
+    assert (summary.done, summary.failed) == (2, 1)
+    failed = [r for r in rows(sqlite_url).values() if r["status"] == "failed"]
+    assert len(failed) == 1 and "65 characters decoded, more than the 64 a result holds" in failed[0]["error"]
+
+
 def test_unexpected_decoder_errors_fail_the_image_not_the_batch(detector, captchas, monkeypatch, sqlite_url):
     from db.session import session_factory
     from worker import decode as decode_module

@@ -25,6 +25,7 @@ from sqlalchemy.orm import sessionmaker
 
 from core.images import ImageError, load_image
 from core.paths import is_allowed, is_regular_file, safe_text, text_to_path
+from db.models import Result
 from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,9 @@ def _predict(detector, images: list[Image.Image]) -> list[object | Exception]:
     return results
 
 
+MAX_TEXT = Result.__table__.c.text.type.length  # a longer string could not be stored: the image fails instead
+
+
 def infer_batch(detector, loaded: Sequence[_Loaded]) -> list[ImageOutcome]:
     """Run the detector once on the readable images of ``loaded``; one outcome per input, in order."""
     ok = [item for item in loaded if item.image is not None]
@@ -167,6 +171,8 @@ def infer_batch(detector, loaded: Sequence[_Loaded]) -> list[ImageOutcome]:
             continue
         pred = by_id[id(item)]
         width, height = item.image.size
+        if not isinstance(pred, Exception) and len(pred.text) > MAX_TEXT:
+            pred = ValueError(f"{len(pred.text)} characters decoded, more than the {MAX_TEXT} a result holds")
         if isinstance(pred, Exception):
             outcomes.append(
                 ImageOutcome(
