@@ -316,6 +316,13 @@ def test_celery_configuration_is_json_only_with_late_acks():
     assert conf.task_ignore_result
     assert app.amqp.router.route({}, DECODE_TASK)["queue"].name == DECODE_QUEUE
     assert app.amqp.router.route({}, "worker.train")["queue"].name == "train"
+    # a database outage is waited out, never given up on with the images left pending
+    from sqlalchemy.exc import OperationalError
+
+    from worker.tasks import decode
+
+    assert OperationalError in decode.autoretry_for and decode.max_retries is None
+    assert decode.retry_backoff_max <= 300
 
 
 def test_visibility_timeout_is_a_setting_read_from_dotenv_too(tmp_path):

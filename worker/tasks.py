@@ -42,7 +42,7 @@ class DecodeTask(Task):
     autoretry_for=(OperationalError,),
     retry_backoff=5,
     retry_backoff_max=300,
-    max_retries=10,
+    max_retries=None,  # as long as the database is unreachable: giving up would leave the images pending unsent
 )
 def decode(self: DecodeTask, job_id: int, images: list) -> dict:
     """Decode one message's images (``[[image_id, path], ...]`` of job ``job_id``) and record the outcomes."""
