@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from core.charset import encode
-from core.formats import list_images, text_from_filename, write_yolo_labels
+from core.formats import list_images, shared_stems, text_from_filename, write_yolo_labels
 from core.images import ImageError, load_image
 from core.segment import Box, colour_boxes
 
@@ -95,6 +95,9 @@ class Label:
     boxes: list[Box]
     scores: list[float]
     source: str  # "colour" | "detector"
+
+
+SHARED_STEM = "another image has the same name stem"
 
 
 @dataclass
@@ -168,6 +171,9 @@ def autolabel(
     report = AutolabelReport(images=len(paths))
     progress = on_progress or (lambda stage, done, total: None)
     pending: dict[str, str] = {}  # path -> reason it is still unlabelled
+    ambiguous = shared_stems(paths)  # ab-1.png and ab-1.jpg would share ab-1.txt: neither is labelled
+    pending.update((str(p), SHARED_STEM) for p in paths if p.stem in ambiguous)
+    paths = [p for p in paths if p.stem not in ambiguous]
 
     if colour:
         workers = workers or os.cpu_count() or 1
@@ -199,7 +205,8 @@ def autolabel(
         from core.detector import Detector
 
         detector = Detector.load(checkpoint, device=device)
-        todo = [p for p, reason in pending.items() if reason not in ("no text in file name", "unreadable image")]
+        todo = [p for p, reason in pending.items() if reason not in ("no text in file name", "unreadable image",
+                                                                      SHARED_STEM)]
         done = 0
         for chunk in _chunks(todo, batch_size * 8):
             images, kept = [], []

@@ -162,6 +162,13 @@ def _to_tensor(img: Image.Image) -> Any:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
 
 
+def shared_stems(paths: Sequence[Path]) -> set[str]:
+    """Stems (file names without suffix) that more than one of ``paths`` has, such as ``ab-1.png`` and ``ab-1.jpg``:
+    one label file ``<stem>.txt`` cannot say which image it describes."""
+    counts = Counter(Path(p).stem for p in paths)
+    return {stem for stem, n in counts.items() if n > 1}
+
+
 class _LabelledFolder:
     """Images with per-character boxes (the seed layout); see ``LabelledFolder``."""
 
@@ -172,8 +179,11 @@ class _LabelledFolder:
         self._items: list[tuple[Path, str, list[list[float]], list[int]]] = []
         self.widths: list[int] = []
         self.extents: list[tuple[int, int, float, float]] = []  # width, height, glyphs' x1 and x2 (pixels)
+        ambiguous = shared_stems(paths)
         for path in paths:
             try:
+                if path.stem in ambiguous:
+                    raise LabelError("label file shared by several images", path.name)
                 text = text_from_filename(path.name)
                 if text is None:
                     raise LabelError("bad text", path.name)

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
-from core.autolabel import autolabel, match_text
+from core.autolabel import SHARED_STEM, autolabel, match_text
 from core.cli import app
 from core.detector import Char, Prediction
 from core.formats import LabelledFolder, list_images
@@ -45,14 +45,18 @@ def test_match_text_keeps_detections_that_read_the_text() -> None:
 
 @pytest.fixture()
 def folder(tmp_path: Path, synth: Path) -> Path:
-    """12 synthetic images, one without a text in its name, one corrupt, and a stale label file."""
+    """12 synthetic images, one of them also as a JPEG of the same stem, one without a text in its name, one corrupt,
+    and a stale label file."""
     images = tmp_path / "images"
     images.mkdir()
     for path in list_images(synth / "images")[:12]:
         (images / path.name).write_bytes(path.read_bytes())
+    first = list_images(images)[0]
+    Image.open(first).convert("RGB").save(first.with_suffix(".jpg"))  # ab-1.png and ab-1.jpg: one label file
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / f"{first.stem}.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     Image.new("RGB", (100, 40), "white").save(images / "noname.png")
     (images / "abc-0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "abc-0.txt").write_text("0 0.5 0.5 0.1 0.1\n" * 3)
     return tmp_path
 
@@ -60,15 +64,20 @@ def folder(tmp_path: Path, synth: Path) -> Path:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_autolabel_writes_labels_that_training_reads(folder: Path, synth: Path, workers: int) -> None:
     report = autolabel(folder / "images", folder / "labels", workers=workers)
-    assert report.images == 14
+    assert report.images == 15
     assert report.unlabelled["no text in file name"] == 1 and report.unlabelled["unreadable image"] == 1
-    assert len(report.labels) + sum(report.unlabelled.values()) == 14
-    assert len(report.labels) >= 9 and report.labelled == {"colour": len(report.labels)}
+    assert report.unlabelled[SHARED_STEM] == 2
+    assert len(report.labels) + sum(report.unlabelled.values()) == 15
+    assert len(report.labels) >= 8 and report.labelled == {"colour": len(report.labels)}
     assert not (folder / "labels" / "abc-0.txt").exists()  # the stale label of an unlabelled image is gone
+    shared = list_images(folder / "images")[0].stem
+    assert not (folder / "labels" / f"{shared}.txt").exists()  # nor a label two images would share
 
     dataset = LabelledFolder(folder / "images", folder / "labels")
     assert len(dataset) == len(report.labels)
-    assert set(dataset.skipped) == {"missing label file", "bad text", "unreadable image"}
+    assert dataset.skipped["label file shared by several images"] == 2
+    assert set(dataset.skipped) == {"missing label file", "bad text", "unreadable image",
+                                    "label file shared by several images"}  # fmt: skip
     for i in range(len(dataset)):
         item = dataset[i]
         path = Path(item["path"])
@@ -85,8 +94,8 @@ def test_autolabel_command_reports_json_and_draws_samples(folder: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["images"] == 14 and summary["labelled"] == summary["by_source"]["colour"]
-    assert summary["share"] == pytest.approx(summary["labelled"] / 14)
+    assert summary["images"] == 15 and summary["labelled"] == summary["by_source"]["colour"]
+    assert summary["share"] == pytest.approx(summary["labelled"] / 15)
     pictures = sorted((folder / "pictures").iterdir())
     assert len(pictures) == 3 == len(summary["rendered"])
     assert all(p.name.startswith("colour-") and Image.open(p).height > 80 for p in pictures)
