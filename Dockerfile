@@ -21,7 +21,8 @@ COPY producer producer
 RUN pip install ".[monitor]"
 
 # never run the worker as root (Celery warns, and a decoded file must not be able to write anywhere)
-RUN useradd --create-home --uid 10001 captcha
+RUN useradd --create-home --uid 10001 captcha \
+ && mkdir /checkpoints && chown captcha /checkpoints  # a new named volume mounted here inherits the owner
 USER captcha
 WORKDIR /home/captcha
 

@@ -51,16 +51,19 @@ APP_SERVICES = [name for name, spec in SERVICES.items() if spec.get("command") a
 
 
 def test_services_present():
-    assert {"redis", "postgres", "migrate", "worker", "worker-cpu", "producer", "flower"} <= set(SERVICES)
-    assert set(APP_SERVICES) == {"migrate", "worker", "worker-cpu", "producer"}
+    assert {"redis", "postgres", "migrate", "worker", "worker-cpu", "trainer", "producer", "flower"} <= set(SERVICES)
+    assert set(APP_SERVICES) == {"migrate", "worker", "worker-cpu", "trainer", "producer"}
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
 def test_app_commands_are_real_subcommands(service):
     cli = typer.main.get_command(importlib.import_module("core.cli").app)
     names, ctx = parse(cli, command(service)[1:])
-    expected = {"migrate": ["db", "upgrade"], "worker": ["worker"], "worker-cpu": ["worker"], "producer": ["enqueue"]}
+    expected = {"migrate": ["db", "upgrade"], "worker": ["worker"], "worker-cpu": ["worker"], "trainer": ["worker"],
+                "producer": ["enqueue"]}  # fmt: skip
     assert names == expected[service]
+    if service == "trainer":
+        assert ctx.params["queues"] == "train" and ctx.params["device"].startswith("cuda")
     if service == "worker":
         assert ctx.params["device"].startswith("cuda") and ctx.params["concurrency"] == 1
     if service == "worker-cpu":
@@ -86,8 +89,9 @@ def test_gpu_reservation_profiles_and_order():
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert SERVICES["worker-cpu"]["profiles"] == ["cpu"]
     assert SERVICES["producer"]["profiles"] == ["producer"]
+    assert SERVICES["trainer"]["profiles"] == ["train"]
     assert SERVICES["migrate"]["restart"] == "no"
-    for name in ("worker", "worker-cpu", "producer"):
+    for name in ("worker", "worker-cpu", "trainer", "producer"):
         assert SERVICES[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
@@ -99,6 +103,17 @@ def test_ports_are_local_and_secrets_come_from_the_environment():
     assert SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     assert "${REDIS_PASSWORD:?" in SERVICES["worker"]["environment"]["CAPTCHA_BROKER_URL"]
     assert not re.search(r"PASSWORD:\s*['\"]?[A-Za-z0-9]", text), "no literal passwords"
+
+
+def test_published_checkpoints_are_shared_by_every_app_service():
+    """A version row stores its file's absolute path: the store must be the same volume at the same path for the
+    trainer that writes it and every worker that loads it."""
+    for name in APP_SERVICES:
+        spec = SERVICES[name]
+        assert spec["environment"]["CAPTCHA_CHECKPOINT_DIR"] == "/checkpoints", name
+        assert "checkpoints:/checkpoints" in spec["volumes"], name
+    assert "checkpoints" in COMPOSE["volumes"]
+    assert re.search(r"chown captcha /checkpoints", (ROOT / "Dockerfile").read_text())
 
 
 def test_dockerfile_installs_the_project_and_runs_unprivileged():
