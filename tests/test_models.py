@@ -197,6 +197,29 @@ def test_eval_output_follows_the_contract_for_a_mixed_batch(arch):
         assert all(len(d["labels"]) <= model.config["detections_per_img"] for d in out)
 
 
+def test_a_narrow_image_gets_its_own_proposals_in_a_batch_of_wider_ones():
+    """Anchors centred in the padding to the right of a narrow image never take its proposal places."""
+    torch.manual_seed(0)
+    model = build_model("fast", score_thresh=0.0, cross_class_nms_thresh=None, containment_thresh=None).eval()
+    with torch.no_grad():
+        model.rpn.cls.weight.normal_(0.0, 0.05)  # objectness of padding and of the image alike
+    narrow, wide = torch.rand(3, 80, 200), torch.rand(3, 80, 600)
+
+    def proposals(images):
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        obj, deltas = model.rpn(features)
+        anchors = model.anchors.grid(features.shape[-2], features.shape[-1], features.device, torch.float32)
+        boxes, valid = model._proposals(batch, obj, deltas, anchors)
+        return boxes[0][valid[0]], float(batch.sizes[0, 1])
+
+    with torch.inference_mode():
+        (alone, width), (batched, _) = proposals([narrow]), proposals([narrow, wide])
+    assert len(batched) == len(alone) == model.config["rpn_post_nms_top_n_test"]
+    centres = (batched[:, 0] + batched[:, 2]) / 2
+    assert float(centres.max()) < width and float(centres.min()) > 0.0
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 
 

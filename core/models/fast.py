@@ -412,17 +412,22 @@ class FastRCNN(nn.Module):
 
     def _proposals(self, batch: ImageBatch, obj: Tensor, deltas: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
         """Top-scoring decoded anchors of each image after NMS, padded: boxes ``[B, P, 4]`` (batch pixels) and
-        ``valid [B, P]``, best first."""
+        ``valid [B, P]``, best first. Anchors centred in an image's padding (a narrow image batched with wider ones)
+        never compete for its places, so an image is proposed the same boxes alone or in any batch."""
         c = self.config
         mode = "train" if self.training else "test"
         pre_n, post_n = c[f"rpn_pre_nms_top_n_{mode}"], c[f"rpn_post_nms_top_n_{mode}"]
         b, a = obj.shape
+        cx, cy = (anchors[:, 0] + anchors[:, 2]) * 0.5, (anchors[:, 1] + anchors[:, 3]) * 0.5
+        inside = (cx < batch.sizes[:, 1:2]) & (cy < batch.sizes[:, 0:1])  # [B, A]
+        obj = obj.masked_fill(~inside, float("-inf"))
         scores, idx = obj.topk(min(pre_n, a), dim=1)  # [B, k]
         boxes = self.rpn_coder.decode(anchors[idx], deltas.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4)))
         boxes = clip_boxes(boxes, batch.sizes[:, 0:1], batch.sizes[:, 1:2]).reshape(-1, 4)
         scores = scores.reshape(-1)
         image = torch.arange(b, device=obj.device).repeat_interleave(idx.shape[1])
-        ok = torch.nonzero(((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)).squeeze(1)
+        ok = torch.nonzero(((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)
+                           & torch.isfinite(scores)).squeeze(1)  # fmt: skip
         keep = ok[batched_nms(boxes[ok], scores[ok], image[ok], c["rpn_nms_thresh"])]
         rank = rank_in_group(image[keep])
         keep, rank = keep[rank < post_n], rank[rank < post_n]
