@@ -7,6 +7,8 @@ inside the command bodies so that ``captcha-queue --help`` and the producer star
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -331,6 +333,21 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 app.add_typer(db_app, name="db")
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Within the block SIGTERM raises ``SystemExit(143)`` in this (main) thread, so the cleanup that Ctrl-C gets
+    (``finally`` blocks, context managers: children stopped, unsent images marked) runs on SIGTERM too."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -586,10 +603,11 @@ def enqueue(
     console = Console(stderr=True)
     upgrade()  # a no-op on a current schema; lets a fresh SQLite file work without `db upgrade`
     try:
-        report = enqueue_images(
-            dirs, recursive=recursive, pattern=pattern, job_name=job, force=force, queue=queue, progress=True,
-            warn=lambda message: console.print(f"[yellow]warning:[/] {message}"),
-        )  # fmt: skip
+        with _sigterm_as_exit():  # images registered but not yet sent are marked failed on SIGTERM as on Ctrl-C
+            report = enqueue_images(
+                dirs, recursive=recursive, pattern=pattern, job_name=job, force=force, queue=queue, progress=True,
+                warn=lambda message: console.print(f"[yellow]warning:[/] {message}"),
+            )  # fmt: skip
     except (ScanError, EnqueueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
@@ -658,10 +676,12 @@ def demo(
     """Run the whole pipeline locally: synthesise CAPTCHAs, start Redis if needed and a worker, decode, report."""
     from producer.demo import DemoError, run_demo
     from producer.local_redis import RedisUnavailable
+    from worker.process import WorkerStartError
 
     try:
-        run_demo(workdir, count=count, seed=seed, concurrency=concurrency, device=device)
-    except (DemoError, RedisUnavailable) as exc:
+        with _sigterm_as_exit():  # SIGTERM stops the worker and a private Redis as Ctrl-C does
+            run_demo(workdir, count=count, seed=seed, concurrency=concurrency, device=device)
+    except (DemoError, RedisUnavailable, WorkerStartError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
@@ -751,16 +771,41 @@ def _finish_unsent_run(sessions, task_id: str, reason: str) -> None:
                         .values(status="failed", error=reason, finished_at=utcnow()))  # fmt: skip
 
 
-def _follow_run(sessions, task_id: str, poll: float = 1.0) -> None:
-    """Print each epoch of a run as it completes and its outcome; exit 1 when it fails."""
+def _follow_run(sessions, task_id: str, poll: float = 1.0, queued_hint_s: float = 60.0,
+                stale_hint_s: float = 1800.0) -> None:
+    """Print each epoch of a run as it completes and its outcome; exit 1 when it fails, 130 on Ctrl-C (the run goes
+    on). A run still queued after ``queued_hint_s``, or running without news for ``stale_hint_s``, gets a hint."""
+    try:
+        _follow_run_loop(sessions, task_id, poll, queued_hint_s, stale_hint_s)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped waiting; run {task_id[:8]} goes on (captcha-queue models)", err=True)
+        raise typer.Exit(130) from None
+
+
+def _follow_run_loop(sessions, task_id: str, poll: float, queued_hint_s: float, stale_hint_s: float) -> None:
     import time
 
-    from db.models import TrainingRun
+    from db.models import TrainingRun, utcnow
 
-    shown, status = 0, ""
+    shown, status, started, hinted = 0, "", time.monotonic(), set()
     while True:
         with sessions() as session:
             run = session.query(TrainingRun).filter_by(task_id=task_id).one()
+        if run.status == "queued" and "queued" not in hinted and time.monotonic() - started > queued_hint_s:
+            hinted.add("queued")
+            typer.echo(
+                f"run {task_id[:8]} still queued after {queued_hint_s:.0f} s: is a worker consuming the train queue "
+                "(captcha-queue worker --queues train), with the same CAPTCHA_DATABASE_URL as this command?",
+                err=True,
+            )
+        quiet = (utcnow() - run.updated_at).total_seconds() if run.updated_at else 0.0
+        if run.status == "running" and "stale" not in hinted and quiet > stale_hint_s:
+            hinted.add("stale")
+            typer.echo(
+                f"run {task_id[:8]}: no news for {quiet / 60:.0f} min; if its worker died, the run stays 'running' "
+                "(see captcha-queue models) and can be sent again",
+                err=True,
+            )
         if run.status != status:
             status = run.status
             typer.echo(f"run {task_id[:8]}: {status}" + (f" on {run.worker}" if run.worker else ""), err=True)

@@ -80,7 +80,7 @@ def run_demo(
                "CAPTCHA_CHECKPOINT": str(checkpoint)}  # fmt: skip
         log_path = workdir / "worker.log"
         console.print(f"[bold]3/4[/] starting a worker ({concurrency} process(es), {device}); log: {log_path}")
-        with WorkerProcess(log_path, queues=queue, concurrency=concurrency, device=device, env=env):
+        with WorkerProcess(log_path, queues=queue, concurrency=concurrency, device=device, env=env) as worker:
             console.print("[bold]4/4[/] enqueueing and waiting for the results")
             sent = enqueue(
                 [workdir / "captchas" / "images"],
@@ -90,7 +90,13 @@ def run_demo(
                 broker_url=broker_url,
                 progress=True,
             )
-            waited = wait_for_job(sent.job_id, database_url=database_url, progress=True)
+            waited = wait_for_job(sent.job_id, database_url=database_url, progress=True,
+                                  alive=lambda: worker.process.poll() is None)  # fmt: skip
+            if waited.pending:
+                raise DemoError(
+                    f"the worker exited (status {worker.process.returncode}) with {waited.pending} images still "
+                    f"pending; its log, {log_path}, ends:\n{worker.log()[-2000:]}"
+                )
 
     with session_factory(database_url)() as session:
         rows = query_results(session, job=sent.job_id)

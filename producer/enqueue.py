@@ -193,7 +193,6 @@ def enqueue(
             for index, chunk in enumerate(chunked(rows, REGISTER_CHUNK)):
                 todo = register_images(session, job, chunk, force=force)
                 session.commit()  # before reading headers, so a SQLite write lock is never held over file reads
-                todo = by_aspect(todo)
                 skipped += len(chunk) - len(todo)
                 bar.advance(task, len(chunk) - len(todo))
                 sent_paths = 0
@@ -204,12 +203,15 @@ def enqueue(
                     bar.advance(task, n)
 
                 try:
+                    todo = by_aspect(todo)
                     messages += publish(producer, job_id, todo, queue, per_message, on_sent)
-                except Exception as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
+                except BaseException as exc:  # Ctrl-C and SIGTERM too: registered but unsent is never left pending
+                    reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else "interrupted"
                     session.rollback()
                     _mark_not_sent(session, [i for i, _ in todo[sent_paths:]], reason)
                     session.commit()
+                    if not isinstance(exc, Exception):
+                        raise
                     rest = max(0, len(rows) - (index + 1) * REGISTER_CHUNK)
                     raise EnqueueError(
                         f"publishing to {mask_url(broker_url)} failed after {enqueued + sent_paths} images of job "
@@ -235,8 +237,10 @@ def wait_for_job(
     poll_s: float = 0.5,
     timeout_s: float | None = None,
     progress: bool = False,
+    alive: Callable[[], bool] | None = None,
 ) -> WaitReport:
-    """Poll the database until every image of ``job_id`` is done or failed (or ``timeout_s`` passed).
+    """Poll the database until every image of ``job_id`` is done or failed (or ``timeout_s`` passed, or ``alive``,
+    asked at every poll, says that whatever decodes the job is gone).
 
     Shows a progress bar of (done + failed) / total when ``progress``. Returns the final counts.
     """
@@ -255,6 +259,8 @@ def wait_for_job(
             if finished >= counts["total"]:
                 break
             if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                break
+            if alive is not None and not alive():
                 break
             time.sleep(poll_s)
 

@@ -242,6 +242,57 @@ def test_publishing_failure_marks_unsent_images_failed_and_a_rerun_retries_them(
     assert len(queued(redis_url, queue)) == 2 + 2
 
 
+def test_an_interrupted_enqueue_marks_the_unsent_images_failed_and_a_rerun_retries_them(
+    tmp_path, db, redis_url, queue, monkeypatch
+):
+    """Ctrl-C (or SIGTERM, which the command turns into SystemExit) between registering and sending: the images
+    registered but not sent are failed, not left pending without a message."""
+    from core.celery_app import app
+
+    touch_images(tmp_path / "in", [f"img{i:02d}-0.png" for i in range(10)])
+    real_send = app.send_task
+    calls = []
+
+    def interrupted_send(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", interrupted_send)
+    with pytest.raises(KeyboardInterrupt):
+        enqueue([tmp_path / "in"], queue=queue, paths_per_message=3, database_url=db, broker_url=redis_url)
+    rows = db_images(db)
+    assert [status for *_, status, _ in rows] == ["pending"] * 6 + ["failed"] * 4
+    assert all(error == "not enqueued: interrupted" for *_, error in rows[6:])
+    monkeypatch.setattr(app, "send_task", real_send)
+    retry = enqueue([tmp_path / "in"], queue=queue, paths_per_message=3, database_url=db, broker_url=redis_url)
+    assert (retry.enqueued, retry.skipped) == (4, 6)
+
+
+def test_sigterm_is_an_exit_inside_the_commands_that_clean_up():
+    import signal
+
+    from core.cli import _sigterm_as_exit
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc, _sigterm_as_exit():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_waiting_stops_when_the_decoder_is_gone(tmp_path, db, redis_url, queue):
+    from producer.enqueue import wait_for_job
+
+    touch_images(tmp_path / "in", ["a-0.png", "b-0.png"])
+    sent = enqueue([tmp_path / "in"], queue=queue, database_url=db, broker_url=redis_url)
+    started = time.perf_counter()
+    waited = wait_for_job(sent.job_id, database_url=db, alive=lambda: False)
+    assert (waited.pending, waited.total) == (2, 2) and time.perf_counter() - started < 5
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the command line
 

@@ -345,3 +345,33 @@ def test_changed_metadata_is_refused_and_the_worker_keeps_its_model(env):
     assert holder.current().version == "v1"
     with sessions() as session:
         assert session.scalars(sa.select(WorkerEvent.event).order_by(WorkerEvent.id)).all() == ["load", "refused"]
+
+
+def test_waiting_on_a_run_that_stays_queued_says_why_and_stops_on_ctrl_c(env, data, monkeypatch, capsys):
+    """``retrain --wait`` on a run no worker takes: a hint after a while, and Ctrl-C ends the wait, not the run."""
+    import time
+
+    import typer
+
+    from core import cli
+    from core.retrain import create_run
+
+    sessions, _ = env
+    with sessions() as session, session.begin():
+        create_run(session, "task-queued", request(data))
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    with pytest.raises(typer.Exit) as exc:
+        cli._follow_run(sessions, "task-queued", poll=0.0, queued_hint_s=0.0)
+    assert exc.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert err.count("still queued") == 1 and "is a worker consuming the train queue" in err
+    assert "stopped waiting; run task-que goes on" in err
+    with sessions() as session:
+        assert session.scalar(sa.select(TrainingRun.status).where(TrainingRun.task_id == "task-queued")) == "queued"

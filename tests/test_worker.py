@@ -325,6 +325,22 @@ def test_celery_configuration_is_json_only_with_late_acks():
     assert decode.retry_backoff_max <= 300
 
 
+def test_an_interrupted_start_leaves_no_worker_behind(tmp_path, redis_url, monkeypatch):
+    """Ctrl-C while waiting for the worker to be ready (``__exit__`` does not run then) still stops the child."""
+    from worker import process as process_module
+
+    worker = process_module.WorkerProcess(tmp_path / "worker.log", queues="never-sent-to",
+                                          env={"CAPTCHA_BROKER_URL": redis_url})  # fmt: skip
+
+    def interrupted(self) -> str:  # the first look at the log, while the child starts
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(process_module.WorkerProcess, "log", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        worker.start()
+    assert worker.process is not None and worker.process.poll() is not None
+
+
 def test_visibility_timeout_is_a_setting_read_from_dotenv_too(tmp_path):
     """Like every CAPTCHA_ setting, the visibility timeout may come from a ``.env`` file in the working directory."""
     import subprocess

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,14 +57,17 @@ class DetectorHolder:
         self.source: tuple | None = None  # ("version", number, sha256, path, metadata sha256) or ("checkpoint", path)
         self._next_poll = 0.0
         self._refused: dict[tuple, float] = {}  # source -> when it may be tried again
+        self._lock = threading.Lock()
 
     def current(self) -> Any:
-        """The detector for the next batch (loads the first one, or a new champion, when due)."""
-        now = self.clock()
-        if self.detector is None or now >= self._next_poll:
-            self._next_poll = now + self.poll_interval
-            self._follow(now)
-        return self.detector
+        """The detector for the next batch (loads the first one, or a new champion, when due). Thread-safe: the
+        threads of one process share the holder and never load the same version twice."""
+        with self._lock:
+            now = self.clock()
+            if self.detector is None or now >= self._next_poll:
+                self._next_poll = now + self.poll_interval
+                self._follow(now)
+            return self.detector
 
     def _champion(self) -> ModelVersion | None:
         try:

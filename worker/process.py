@@ -49,13 +49,18 @@ class WorkerProcess:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + ready_timeout
-        while "ready." not in self.log():
-            if self.process.poll() is not None:
-                raise WorkerStartError(f"worker exited with status {self.process.returncode}:\n{self.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise WorkerStartError(f"worker not ready after {ready_timeout:.0f} s:\n{self.log()[-4000:]}")
-            time.sleep(0.1)
+        try:
+            while "ready." not in self.log():
+                if self.process.poll() is not None:
+                    raise WorkerStartError(
+                        f"worker exited with status {self.process.returncode}:\n{self.log()[-4000:]}"
+                    )
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(f"worker not ready after {ready_timeout:.0f} s:\n{self.log()[-4000:]}")
+                time.sleep(0.1)
+        except BaseException:  # not ready, or interrupted while waiting (__exit__ does not run then): stop it here
+            self.stop()
+            raise
         return self
 
     def log(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from celery import Task
 from celery.exceptions import Reject
@@ -22,15 +23,18 @@ log = logging.getLogger(__name__)
 
 
 class DecodeTask(Task):
-    """Task base class holding the per-process ``Runtime``."""
+    """Task base class holding the per-process ``Runtime`` (loaded once per process, even when several threads of
+    the ``threads`` pool ask at once)."""
 
     _runtime: Runtime | None = None
+    _lock = threading.Lock()
 
     @property
     def runtime(self) -> Runtime:
-        if self._runtime is None or self._runtime.pid != os.getpid():
-            self._runtime = load_runtime()
-        return self._runtime
+        with self._lock:
+            if self._runtime is None or self._runtime.pid != os.getpid():
+                self._runtime = load_runtime()
+            return self._runtime
 
 
 @app.task(
