@@ -402,9 +402,11 @@ def _duration(seconds: Optional[float]) -> str:
 
 @app.command()
 def status(
-    job: Optional[int] = typer.Argument(None, help="Job id (default: totals over all jobs and the latest jobs)."),
+    job: Optional[str] = typer.Argument(
+        None, help="Job id or name (the latest job of that name); default: totals over all jobs and the latest jobs."
+    ),
     database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
-    queue: str = typer.Option("decode", help="Broker queue whose depth is shown."),
+    queue: str = typer.Option("decode", help="Broker queue whose depth is shown (the workers' --queues)."),
     jobs: int = typer.Option(10, min=0, help="Latest jobs listed when no JOB is given."),
 ) -> None:
     """Progress: images total, done, failed, pending, throughput, ETA, and the broker queue depth."""
@@ -412,20 +414,20 @@ def status(
     from rich.table import Table
 
     from core.config import get_settings, mask_url
-    from db.models import Job
-    from db.queries import job_status, list_jobs, queue_depth
+    from db.queries import job_status, list_jobs, queue_depth, resolve_job
 
     session, url = _open_database(database_url)
     with session:
-        if job is not None and session.get(Job, job) is None:
+        job_id = resolve_job(session, job) if job is not None else None
+        if job is not None and job_id is None:
             raise _fail(f"no job {job} in {mask_url(url)}")
-        counts = job_status(session, job)
+        counts = job_status(session, job_id)
         recent = list_jobs(session, jobs) if job is None else []
     broker = get_settings().broker_url
     depth = queue_depth(broker, queue)
 
     console = Console()
-    summary = Table(show_header=False, box=None, title=f"job {job}" if job is not None else "all jobs")
+    summary = Table(show_header=False, box=None, title=f"job {job_id}" if job_id is not None else "all jobs")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     rate = counts["images_per_s"]
@@ -611,6 +613,9 @@ def enqueue(
     except (ScanError, EnqueueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
+    if report.found == 0:
+        hint = "" if recursive else " (sub-folders are searched with --recursive)"
+        console.print(f"[yellow]warning:[/] no image files found in {', '.join(map(str, dirs))}{hint}")
     console.print(
         f"job {report.job_id}: {report.enqueued} images enqueued in {report.messages} messages "
         f"({report.skipped} unchanged skipped, {report.found} found) in {report.seconds:.1f} s"

@@ -50,6 +50,17 @@ def _shown_result() -> Any:
     return and_(Result.image_id == Image.id, Result.model_version == Image.model_version, Image.status == "done")
 
 
+def resolve_job(session: Session, job: int | str) -> int | None:
+    """The id of the job given by id or by name (a string of digits is an id when such a job exists; a name shared
+    by several jobs means the latest of them); None when there is no such job."""
+    if isinstance(job, int) or (job.isascii() and job.isdigit()):
+        if session.get(Job, int(job)) is not None:
+            return int(job)
+        if isinstance(job, int):
+            return None
+    return session.scalar(select(Job.id).where(Job.name == job).order_by(Job.id.desc()).limit(1))
+
+
 def _job_condition(job: int | str) -> Any:
     """A job given by id (an int) or by name; a string of digits is the job with that id when there is one, else
     the jobs with that name (``enqueue --job 2024`` makes a name of digits)."""

@@ -223,6 +223,10 @@ def test_status_command(filled, settings_env):
     assert "total 5" in " ".join(out.stdout.split())
     out = run("status", "999", "--database-url", filled["url"])
     assert out.exit_code == 1 and "no job 999" in out.stderr
+    out = run("status", "second", "--database-url", filled["url"])  # by name, as results --job
+    assert out.exit_code == 0 and f"job {filled['second']}" in out.stdout and "total 2" in " ".join(out.stdout.split())
+    out = run("status", "no such job", "--database-url", filled["url"])
+    assert out.exit_code == 1 and "no job no such job" in out.stderr
 
 
 def test_status_shows_queue_depth(sqlite_url, redis_url, monkeypatch):
