@@ -685,10 +685,12 @@ def demo(
 
     try:
         with _sigterm_as_exit():  # SIGTERM stops the worker and a private Redis as Ctrl-C does
-            run_demo(workdir, count=count, seed=seed, concurrency=concurrency, device=device)
+            report = run_demo(workdir, count=count, seed=seed, concurrency=concurrency, device=device)
     except (DemoError, RedisUnavailable, WorkerStartError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    if report.done == 0:
+        raise _fail(f"no image was decoded (see the errors above and {workdir / 'worker.log'})")
 
 
 # --------------------------------------------------------------------------------------------------------------

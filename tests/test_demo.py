@@ -1,0 +1,44 @@
+"""``captcha-queue demo``: the quick start's one command, end to end through a real Redis and a worker process."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from core.cli import app
+
+
+@pytest.fixture()
+def demo_env(redis_url, monkeypatch):
+    from core.config import get_settings
+
+    monkeypatch.setenv("CAPTCHA_BROKER_URL", redis_url)
+    monkeypatch.delenv("CAPTCHA_CHECKPOINT", raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_demo_decodes_synthetic_captchas_through_the_queue(demo_env, tmp_path):
+    workdir = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--count", "6", "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    assert "6 done, 0 failed" in result.output and "sequence accuracy" in result.output
+    assert "ready." in (workdir / "worker.log").read_text()
+
+
+def test_demo_fails_when_no_image_could_be_decoded(demo_env, tmp_path, monkeypatch):
+    """A checkpoint the worker cannot load: every image is a failed row with the reason, and the command fails."""
+    from core.checkpoint import default_checkpoint_path
+    from core.config import get_settings
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors at all")
+    shutil.copy(default_checkpoint_path().with_suffix(".json"), broken.with_suffix(".json"))
+    monkeypatch.setenv("CAPTCHA_CHECKPOINT", str(broken))
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["demo", "--count", "3", "--workdir", str(tmp_path / "demo")])
+    assert result.exit_code == 1, result.output
+    assert "0 done, 3 failed" in result.output and "no image was decoded" in result.output
