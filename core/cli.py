@@ -730,7 +730,7 @@ def retrain(
 
     from core.celery_app import TRAIN_TASK, app as celery_app
     from core.registry import RegistryError, get_version
-    from core.retrain import RetrainError, RetrainRequest, create_run
+    from core.retrain import RetrainError, RetrainRequest, check_request, create_run
     from db.session import session_factory, upgrade
 
     try:
@@ -748,8 +748,12 @@ def retrain(
     for folder in (images, labels, val_images, val_labels):
         if folder is not None and not folder.is_dir():
             raise _fail(f"not a folder: {folder}", code=2)
-    upgrade(database_url)
     task_id = str(uuid.uuid4())
+    try:
+        check_request(task_id, request)  # the workers check again, against their own CAPTCHA_ALLOWED_ROOTS
+    except RetrainError as exc:
+        raise _fail(str(exc), code=2) from None
+    upgrade(database_url)
     sessions = session_factory(database_url)
     with sessions() as session, session.begin():
         if from_version is not None:

