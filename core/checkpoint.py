@@ -347,7 +347,7 @@ def save_training_state(
     average: nn.Module | None = None,
 ) -> tuple[Path, Path]:
     """Save what ``train --resume`` needs beside checkpoint ``path``: the model's current weights, the optimizer
-    tensors and hyperparameters, torch's and Python's RNG state, ``state`` (epoch, step, history: JSON-able) and,
+    tensors and hyperparameters, torch's (CPU, and each GPU's once CUDA is in use) and Python's RNG state, ``state`` (epoch, step, history: JSON-able) and,
     when given, the moving average of the weights (``average``, a ``torch.optim.swa_utils.AveragedModel``).
     Returns the two files written.
     """
@@ -360,6 +360,8 @@ def save_training_state(
     optim_tensors, optim_info = _optimizer_to_files(optimizer)
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():  # training on a GPU draws from its generators too
+        tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
     _save_tensors(tensor_file, tensors)
     py_version, py_state, py_gauss = random.getstate()
     doc = {
@@ -415,6 +417,9 @@ def load_training_state(
             raise CheckpointError(f"{tensor_file}: moving average does not match the model: {exc}") from None
     _optimizer_from_files(optimizer, tensors, doc["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+    if cuda_states and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
+        torch.cuda.set_rng_state_all(cuda_states)
     py_version, py_state, py_gauss = doc["python_random"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     return doc["state"]

@@ -321,7 +321,10 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        # new workers every epoch, each epoch's seeded from torch's generator as it stands then: a run resumed at
+        # epoch N draws exactly what the uninterrupted run drew (persistent workers draw once, in a process's first
+        # epoch, which a resumed run moves)
+        persistent_workers=False,
     )
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * cfg.epochs

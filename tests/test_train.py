@@ -113,9 +113,12 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("ema_decay", [None, 0.9])
-def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path, ema_decay: float | None) -> None:
-    straight = train_model(_config(data, tmp_path / "straight.safetensors", ema_decay=ema_decay))
+@pytest.mark.parametrize(("ema_decay", "workers"), [(None, 0), (0.9, 0), (None, 1)])
+def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path, ema_decay: float | None,
+                                               workers: int) -> None:
+    """Interrupted after epoch 1 and resumed, a run ends where the uninterrupted one does, also with DataLoader
+    processes (the default of ``train``: ``--workers 1``)."""
+    straight = train_model(_config(data, tmp_path / "straight.safetensors", ema_decay=ema_decay, num_workers=workers))
 
     def stop_after_first_epoch(event: dict) -> None:
         if event["event"] == "epoch" and event["epoch"] == 1:
@@ -123,9 +126,9 @@ def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path, ema_d
 
     out = tmp_path / "resumed.safetensors"
     with pytest.raises(_Stop):
-        train_model(_config(data, out, ema_decay=ema_decay), stop_after_first_epoch)
+        train_model(_config(data, out, ema_decay=ema_decay, num_workers=workers), stop_after_first_epoch)
     events: list[dict] = []
-    resumed = train_model(_config(data, out, resume=True, ema_decay=ema_decay), events.append)
+    resumed = train_model(_config(data, out, resume=True, ema_decay=ema_decay, num_workers=workers), events.append)
     assert events[0]["start_epoch"] == 2
     assert resumed.epochs_run == 1
     assert [r["epoch"] for r in resumed.history] == [1, 2]
@@ -138,7 +141,7 @@ def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path, ema_d
         for x, y in zip(a.state_dict().values(), b.state_dict().values()):
             assert torch.allclose(x.float(), y.float(), atol=1e-5)
     # a finished run resumed again has nothing left to do
-    again = train_model(_config(data, out, resume=True, ema_decay=ema_decay))
+    again = train_model(_config(data, out, resume=True, ema_decay=ema_decay, num_workers=workers))
     assert again.epochs_run == 0 and again.best_epoch == resumed.best_epoch
 
 
