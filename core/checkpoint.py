@@ -347,9 +347,9 @@ def save_training_state(
     average: nn.Module | None = None,
 ) -> tuple[Path, Path]:
     """Save what ``train --resume`` needs beside checkpoint ``path``: the model's current weights, the optimizer
-    tensors and hyperparameters, torch's (CPU, and each GPU's once CUDA is in use) and Python's RNG state, ``state`` (epoch, step, history: JSON-able) and,
-    when given, the moving average of the weights (``average``, a ``torch.optim.swa_utils.AveragedModel``).
-    Returns the two files written.
+    tensors and hyperparameters, torch's (CPU, and each GPU's once CUDA is in use) and Python's RNG state, ``state``
+    (epoch, step, history: JSON-able) and, when given, the moving average of the weights (``average``, a
+    ``torch.optim.swa_utils.AveragedModel``). Returns the two files written.
     """
     import torch
 

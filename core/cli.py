@@ -931,7 +931,8 @@ def models_show(
         file_check = str(exc)
     doc = {
         "version": row.version, "number": row.number, "status": row.status, "arch": row.arch, "parent": row.parent,
-        "path": row.path, "sha256": row.sha256, "metadata_sha256": row.metadata_sha256, "file": file_check, "created_at": row.created_at.isoformat(),
+        "path": row.path, "sha256": row.sha256, "metadata_sha256": row.metadata_sha256, "file": file_check,
+        "created_at": row.created_at.isoformat(),
         "promoted_at": row.promoted_at.isoformat() if row.promoted_at else None, "task_id": row.task_id,
         "metrics": row.metrics, "data_summary": row.data_summary,
     }  # fmt: skip

@@ -201,7 +201,8 @@ def _baseline(session: Session, val_set: Any, request: RetrainRequest) -> dict[s
         else:
             path = configured_checkpoint()
             if path is None:
-                return {"version": None, **number, "val_sequence_accuracy": None, "note": "no champion and no checkpoint"}
+                return {"version": None, **number, "val_sequence_accuracy": None,
+                        "note": "no champion and no checkpoint"}
             detector = Detector.load(path, device=request.device)
     except CheckpointError as exc:
         return {"version": row.version if row else None, **number, "val_sequence_accuracy": None, "error": str(exc)}

@@ -178,7 +178,8 @@ def record_outcomes(session: Session, outcomes: Sequence[ImageOutcome]) -> None:
     ``done``: upserts the ``Result`` on (image_id, model_version), replaces its characters, marks the image done.
     ``failed``: marks the image failed with the reason, unless it is already done (a redelivered message that fails,
     say because the file went away after it was read, never undoes a result); no result row is written. If an image
-    appears twice in the batch the last outcome wins. Outcomes for images that no longer exist (job deleted) are skipped with a warning.
+    appears twice in the batch the last outcome wins. Outcomes for images that no longer exist (job deleted) are
+    skipped with a warning.
     Raises ``ValueError`` on a malformed outcome before writing anything.
     """
     latest: dict[int, ImageOutcome] = {}

@@ -2,9 +2,9 @@
 
 ``DetectorHolder.current()`` is called before every batch. At most every ``poll_interval`` seconds it reads the
 champion row (one indexed query); when the champion changed it loads the new version (sha256 checked against the
-row for the weights and for their metadata, weights read with safetensors) and swaps it in for the following batches, so every batch is decoded by
-exactly one version and every result row names it. When there is no champion the process serves the configured
-checkpoint (``Settings.checkpoint`` or the shipped one).
+row for the weights and for their metadata, weights read with safetensors) and swaps it in for the following
+batches, so every batch is decoded by exactly one version and every result row names it. When there is no
+champion the process serves the configured checkpoint (``Settings.checkpoint`` or the shipped one).
 
 A champion that cannot be loaded (missing file, changed bytes, weights that do not fit, no room on the device) is
 refused: the error is logged and recorded, and the process keeps serving the version it has; it tries that

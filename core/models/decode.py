@@ -48,7 +48,8 @@ def select_detections(
     """Turn classified boxes into the detector's eval output.
 
     class_logits: ``[R, num_classes + 1]`` logits or log-probabilities (last = background); boxes: ``[R, 4]``
-    x1, y1, x2, y2 (in one pixel space for all of them, original or batch: the output keeps it); batch_index: ``[R]`` int64 image of each box. Returns ``num_images`` dicts
+    x1, y1, x2, y2 (in one pixel space for all of them, original or batch: the output keeps it); batch_index:
+    ``[R]`` int64 image of each box. Returns ``num_images`` dicts
     ``{"boxes": [K, 4], "labels": [K] int64 in 0..num_classes-1, "scores": [K]}`` sorted by box centre x.
     cross_class_nms_thresh: IoU above which a box is dropped for a better-scoring box of any class;
     containment_thresh: drop a box when this fraction of it (or of the other box) lies inside a better-scoring
