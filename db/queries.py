@@ -50,14 +50,21 @@ def _shown_result() -> Any:
     return and_(Result.image_id == Image.id, Result.model_version == Image.model_version, Image.status == "done")
 
 
+def _as_id(job: int | str) -> int | None:
+    """``job`` as a job id when it can be one (an int, or a string of ASCII digits), else None."""
+    if isinstance(job, int):
+        return job
+    return int(job) if job.isascii() and job.isdigit() else None
+
+
 def resolve_job(session: Session, job: int | str) -> int | None:
     """The id of the job given by id or by name (a string of digits is an id when such a job exists; a name shared
     by several jobs means the latest of them); None when there is no such job."""
-    if isinstance(job, int) or (job.isascii() and job.isdigit()):
-        if session.get(Job, int(job)) is not None:
-            return int(job)
-        if isinstance(job, int):
-            return None
+    job_id = _as_id(job)
+    if job_id is not None and session.get(Job, job_id) is not None:
+        return job_id
+    if isinstance(job, int):
+        return None
     return session.scalar(select(Job.id).where(Job.name == job).order_by(Job.id.desc()).limit(1))
 
 
@@ -67,8 +74,9 @@ def _job_condition(job: int | str) -> Any:
     if isinstance(job, int):
         return Image.job_id == job
     by_name = select(Job.id).where(Job.name == job)
-    if job.isascii() and job.isdigit():
-        by_id = select(Job.id).where(Job.id == int(job))
+    job_id = _as_id(job)
+    if job_id is not None:
+        by_id = select(Job.id).where(Job.id == job_id)
         return Image.job_id.in_(by_id.union(by_name.where(~by_id.exists())))
     return Image.job_id.in_(by_name)
 

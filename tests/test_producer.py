@@ -214,6 +214,19 @@ def test_unreachable_broker_is_a_clear_error_and_registers_nothing(tmp_path, db)
     assert db_images(db) == []
 
 
+def send_failing_at(send, call: int, exc: BaseException):
+    """``send`` (``app.send_task``) that raises ``exc`` on its ``call``-th use instead of sending."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc
+        return send(*args, **kwargs)
+
+    return failing
+
+
 def test_publishing_failure_marks_unsent_images_failed_and_a_rerun_retries_them(
     tmp_path, db, redis_url, queue, monkeypatch
 ):
@@ -221,15 +234,7 @@ def test_publishing_failure_marks_unsent_images_failed_and_a_rerun_retries_them(
 
     touch_images(tmp_path / "in", [f"img{i:02d}-0.png" for i in range(10)])
     real_send = app.send_task
-    calls = []
-
-    def flaky_send(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise ConnectionError("connection reset by peer")
-        return real_send(*args, **kwargs)
-
-    monkeypatch.setattr(app, "send_task", flaky_send)
+    monkeypatch.setattr(app, "send_task", send_failing_at(real_send, 3, ConnectionError("connection reset by peer")))
     with pytest.raises(EnqueueError, match="6 images of job .*4 images marked failed"):
         enqueue([tmp_path / "in"], queue=queue, paths_per_message=3, database_url=db, broker_url=redis_url)
     rows = db_images(db)
@@ -251,15 +256,7 @@ def test_an_interrupted_enqueue_marks_the_unsent_images_failed_and_a_rerun_retri
 
     touch_images(tmp_path / "in", [f"img{i:02d}-0.png" for i in range(10)])
     real_send = app.send_task
-    calls = []
-
-    def interrupted_send(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_send(*args, **kwargs)
-
-    monkeypatch.setattr(app, "send_task", interrupted_send)
+    monkeypatch.setattr(app, "send_task", send_failing_at(real_send, 3, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         enqueue([tmp_path / "in"], queue=queue, paths_per_message=3, database_url=db, broker_url=redis_url)
     rows = db_images(db)

@@ -73,16 +73,21 @@ def parse_images(raw: object) -> list[tuple[int, str]]:
     return parsed
 
 
+def _resolve(path: str) -> str | None:
+    """The file-system path (links followed) of a path in the queue's text form; None for one with a NUL byte."""
+    try:
+        return os.path.realpath(text_to_path(path))
+    except ValueError:
+        return None
+
+
 def probe_aspect(path: str, allowed_roots: Sequence[Path] = ()) -> float:
     """Width / height from the file header (no pixel decoding); 0.0 when it cannot be read (it fails later).
 
     ``path`` is in the queue's text form (``core.paths.path_to_text``)."""
-    try:
-        fs_path = os.path.realpath(text_to_path(path))
-    except ValueError:  # a NUL byte: load_batch fails it with the reason
-        return 0.0
-    if not is_allowed(fs_path, allowed_roots) or not is_regular_file(fs_path):
-        return 0.0
+    fs_path = _resolve(path)
+    if fs_path is None or not is_allowed(fs_path, allowed_roots) or not is_regular_file(fs_path):
+        return 0.0  # load_batch gives the reason
     try:
         with Image.open(fs_path) as img:
             width, height = img.size
@@ -119,10 +124,7 @@ def load_batch(
     for image_id, path in items:
         start = time.perf_counter()
         image, error = None, None
-        try:
-            fs_path: str | None = os.path.realpath(text_to_path(path))
-        except ValueError:  # a NUL byte
-            fs_path = None
+        fs_path = _resolve(path)
         if fs_path is None:
             error = "invalid path (contains a NUL byte)"
         elif not is_allowed(fs_path, allowed_roots):
