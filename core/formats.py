@@ -23,6 +23,7 @@ from PIL import Image
 
 from core.charset import encode
 from core.images import SUPPORTED_SUFFIXES, load_image
+from core.paths import is_allowed
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ def shared_stems(paths: Sequence[Path]) -> set[str]:
 class _LabelledFolder:
     """Images with per-character boxes (the seed layout); see ``LabelledFolder``."""
 
-    def __init__(self, images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> None:
+    def __init__(
+        self, images_dir: str | os.PathLike, labels_dir: str | os.PathLike, roots: Sequence[Path] = ()
+    ) -> None:
         self.images_dir, self.labels_dir = Path(images_dir), Path(labels_dir)
         paths = list_images(self.images_dir)
         skipped: Counter[str] = Counter()
@@ -187,8 +190,11 @@ class _LabelledFolder:
                 text = text_from_filename(path.name)
                 if text is None:
                     raise LabelError("bad text", path.name)
+                label_file = self.labels_dir / f"{path.stem}.txt"
+                if roots and not (is_allowed(path, roots) and is_allowed(label_file, roots)):
+                    raise LabelError("outside the allowed roots", path.name)
                 width, height = _image_size(path)
-                boxes, labels = read_yolo_labels(self.labels_dir / f"{path.stem}.txt", text, width, height)
+                boxes, labels = read_yolo_labels(label_file, text, width, height)
             except LabelError as exc:
                 skipped[exc.reason] += 1
                 continue
@@ -260,7 +266,8 @@ _DATASETS = {
         """``torch.utils.data.Dataset`` over the seed layout: ``images_dir`` of ``<text>-<n>.png`` and ``labels_dir``
     of YOLO files. Samples whose labels cannot be trusted (missing label file, box count != text length, text
     outside 0-9a-z, bad lines, unreadable header) are skipped, counted in ``.skipped`` (reason -> count) and
-    reported in one logged warning. ``.widths`` holds each item's width (from the header) for bucketing.""",
+    reported in one logged warning. With ``roots`` (resolved folders, as ``core.paths.resolve_roots`` gives), an
+    image or label file whose real path (links followed) lies outside them is skipped too. ``.widths`` holds each item's width (from the header) for bucketing.""",
     ),
     "ImageFolder": (
         _ImageFolder,

@@ -215,9 +215,10 @@ def _validation_set(cfg: Any) -> Any:
     from core.formats import LabelledFolder
     from core.train import hold_out
 
+    roots = resolve_roots(cfg.allowed_roots)
     if cfg.val_images is not None:
-        return LabelledFolder(cfg.val_images, cfg.val_labels)
-    return hold_out(LabelledFolder(cfg.images, cfg.labels), cfg)[1]
+        return LabelledFolder(cfg.val_images, cfg.val_labels, roots)
+    return hold_out(LabelledFolder(cfg.images, cfg.labels, roots), cfg)[1]
 
 
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # Celery's task ids are UUIDs
@@ -280,6 +281,7 @@ def run_retrain(
             batch_size=request.batch_size, lr=request.lr, seed=request.seed, device=request.device,
             num_workers=0, init_from=init_from, val_batch_size=request.val_batch_size, augment=request.augment,
             ema_decay=request.ema_decay, precision=get_settings().precision, train_parts=request.train_parts,
+            allowed_roots=[str(root) for root in get_settings().allowed_roots],
         )  # fmt: skip
 
         def progress(event: dict[str, Any]) -> None:

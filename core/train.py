@@ -27,6 +27,7 @@ from core.checkpoint import load_checkpoint, load_training_state, save_checkpoin
 from core.detector import detect, prediction_from_detections, resolve_device
 from core.evaluate import score
 from core.images import ImageError
+from core.paths import resolve_roots
 from core.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class TrainConfig:
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 where native, see core.precision): training and validation
     version: str | None = None  # stored as the checkpoint's "version"
     train_parts: str = "all"  # all | reader: only the glyph reader and context head learn, the detector is frozen
+    allowed_roots: list[str] = field(default_factory=list)  # when set, images and labels outside them are skipped
 
     def as_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -283,12 +285,13 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
 
-    train_set: Dataset = LabelledFolder(cfg.images, cfg.labels)
+    roots = resolve_roots(cfg.allowed_roots)
+    train_set: Dataset = LabelledFolder(cfg.images, cfg.labels, roots)
     skipped = dict(train_set.skipped)  # type: ignore[attr-defined]
     if cfg.val_images is not None:
         if cfg.val_labels is None:
             raise ValueError("val_images needs val_labels")
-        val_set: Dataset = LabelledFolder(cfg.val_images, cfg.val_labels)
+        val_set: Dataset = LabelledFolder(cfg.val_images, cfg.val_labels, roots)
         val_source = str(cfg.val_images)
     else:
         train_set, val_set = hold_out(train_set, cfg)

@@ -142,6 +142,26 @@ def test_labelled_folder_skips_and_counts(tmp_path: Path, caplog: pytest.LogCapt
     assert gray.shape == (3, 20, 30) and abs(float(gray.mean()) - 128 / 255) < 1e-6
 
 
+def test_labelled_folder_with_roots_skips_files_linked_from_outside(tmp_path: Path) -> None:
+    """A link inside an allowed folder must not let training read an image or a label file from elsewhere."""
+    from core.formats import LabelledFolder
+    from core.paths import resolve_roots
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    _labelled(root, "in-0", 2, 2)
+    _labelled(outside, "ab-0", 2, 2)
+    _labelled(outside, "cd-0", 2, 2)
+    _labelled(root, "cd-0", None, 0)  # the image inside, its label file linked from outside
+    (root / "images" / "ab-0.png").symlink_to(outside / "images" / "ab-0.png")
+    (root / "labels" / "ab-0.txt").symlink_to(outside / "labels" / "ab-0.txt")
+    (root / "labels" / "cd-0.txt").symlink_to(outside / "labels" / "cd-0.txt")
+    assert len(LabelledFolder(root / "images", root / "labels")) == 3  # no roots: links are followed
+    ds = LabelledFolder(root / "images", root / "labels", resolve_roots([root]))
+    assert [Path(p).name for p in ds.paths] == ["in-0.png"]
+    assert ds.skipped == {"outside the allowed roots": 2}
+    assert len(LabelledFolder(root / "images", root / "labels", resolve_roots([root, outside]))) == 3
+
+
 def test_labelled_folder_reads_16_bit_and_palette(tmp_path: Path) -> None:
     from core.formats import LabelledFolder
 

@@ -412,3 +412,8 @@ def test_retraining_folders_outside_the_allowed_roots_are_refused(env, data, tmp
     monkeypatch.setenv("CAPTCHA_ALLOWED_ROOTS", str(data))
     get_settings.cache_clear()
     assert run_retrain("task-inside", request(data), sessions).status == "succeeded"
+    with sessions() as session:  # the training read its files with the roots checked one by one
+        from core.checkpoint import read_metadata
+
+        (version,) = list_versions(session)
+        assert read_metadata(version.path)["train_config"]["allowed_roots"] == [str(data)]
