@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, false, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Character, Image, Job, Result
@@ -50,11 +50,14 @@ def _shown_result() -> Any:
     return and_(Result.image_id == Image.id, Result.model_version == Image.model_version, Image.status == "done")
 
 
+MAX_ID = 2**31 - 1  # the largest value of an INTEGER id column (PostgreSQL's int4)
+
+
 def _as_id(job: int | str) -> int | None:
-    """``job`` as a job id when it can be one (an int, or a string of ASCII digits), else None."""
-    if isinstance(job, int):
-        return job
-    return int(job) if job.isascii() and job.isdigit() else None
+    """``job`` as a job id when it can be one (an int, or a string of ASCII digits, within the id column's range),
+    else None: ``20240101123456`` is then a name, not an id no column could hold."""
+    value = job if isinstance(job, int) else int(job) if job.isascii() and job.isdigit() else None
+    return value if value is not None and 0 <= value <= MAX_ID else None
 
 
 def resolve_job(session: Session, job: int | str) -> int | None:
@@ -71,10 +74,10 @@ def resolve_job(session: Session, job: int | str) -> int | None:
 def _job_condition(job: int | str) -> Any:
     """A job given by id (an int) or by name; a string of digits is the job with that id when there is one, else
     the jobs with that name (``enqueue --job 2024`` makes a name of digits)."""
-    if isinstance(job, int):
-        return Image.job_id == job
-    by_name = select(Job.id).where(Job.name == job)
     job_id = _as_id(job)
+    if isinstance(job, int):
+        return Image.job_id == job_id if job_id is not None else false()
+    by_name = select(Job.id).where(Job.name == job)
     if job_id is not None:
         by_id = select(Job.id).where(Job.id == job_id)
         return Image.job_id.in_(by_id.union(by_name.where(~by_id.exists())))

@@ -15,7 +15,7 @@ import db.queries
 from core.cli import app
 from core.config import get_settings
 from db.models import Image
-from db.queries import job_status, latest_result, list_jobs, query_results, queue_depth
+from db.queries import job_status, latest_result, list_jobs, query_results, queue_depth, resolve_job
 from db.repository import CharOutcome, ImageOutcome, create_job, record_outcomes, register_images
 from db.session import dispose_engines, session_factory, upgrade
 
@@ -118,6 +118,13 @@ def test_a_job_named_with_digits(filled):
         assert paths(query_results(session, job=str(named.id))) == ["/data/r/a.png"]
         assert len(query_results(session, job=str(filled["first"]))) == 5  # the id wins over the name
         assert query_results(session, job="\u00b2") == []  # a digit to str.isdigit, not to int()
+        stamp = create_job(session, "20240101123456")  # digits beyond any id the column holds: a name
+        register_images(session, stamp, [("/data/r/c.png", 1, 1)])
+        session.commit()
+        assert paths(query_results(session, job="20240101123456")) == ["/data/r/c.png"]
+        assert resolve_job(session, "20240101123456") == stamp.id
+        assert resolve_job(session, "99999999999999999999") is None
+        assert query_results(session, job=2**40) == [] and resolve_job(session, 2**40) is None
 
 
 def test_pages_and_limit_across_pages(filled, monkeypatch):
