@@ -763,22 +763,28 @@ def retrain(
                 raise _fail(str(exc)) from None
         create_run(session, task_id, request)
     try:
-        celery_app.send_task(TRAIN_TASK, kwargs={"request": request.as_json()}, task_id=task_id, queue=queue)
+        with _sigterm_as_exit():
+            celery_app.send_task(TRAIN_TASK, kwargs={"request": request.as_json()}, task_id=task_id, queue=queue)
     except Exception as exc:  # the broker is unreachable: the run will never start
         _finish_unsent_run(sessions, task_id, f"not sent: {exc}")
         raise _fail(f"cannot send the training task: {exc}") from None
+    except BaseException:  # Ctrl-C or SIGTERM while sending (a hung broker retries for up to a minute)
+        _finish_unsent_run(sessions, task_id, "not sent: interrupted")
+        raise
     typer.echo(task_id)
     if wait:
         _follow_run(sessions, task_id)
 
 
 def _finish_unsent_run(sessions, task_id: str, reason: str) -> None:
+    """Fail a run whose message did not go out, unless a worker already claimed it (the message went out after all;
+    a failed run is never claimed, so one that arrives later does not train)."""
     import sqlalchemy as sa
 
     from db.models import TrainingRun, utcnow
 
     with sessions() as session, session.begin():
-        session.execute(sa.update(TrainingRun).where(TrainingRun.task_id == task_id)
+        session.execute(sa.update(TrainingRun).where(TrainingRun.task_id == task_id, TrainingRun.status == "queued")
                         .values(status="failed", error=reason, finished_at=utcnow()))  # fmt: skip
 
 
