@@ -1,8 +1,8 @@
 """Reading images safely: any PNG/JPEG/BMP/WebP in any mode becomes an RGB image; failures get readable reasons.
 
 Transparent pixels are composited on white (``Image.convert('RGB')`` alone would keep whatever colour they store,
-often black): alpha channels, palettes with alpha, and the single transparent colour of a grayscale or RGB PNG
-(``tRNS``). Truncated files are errors, never silently padded. Size limits guard against decompression bombs. Only
+often black): alpha channels, palettes with alpha, and the single transparent value of a 1-bit, grayscale or RGB
+PNG (``tRNS``). Truncated files are errors, never silently padded. Size limits guard against decompression bombs. Only
 regular files are opened: a FIFO or a device at an image's path would block the reader forever.
 """
 
@@ -26,11 +26,33 @@ class ImageError(ValueError):
     """An image that cannot be decoded; ``str(exc)`` is a reason fit for a ``failed`` row."""
 
 
+_KEYED_MODES = ("1", "L", "I;16", "I;16B", "I;16L", "I", "RGB")  # modes whose tRNS names one transparent value
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency on white: an alpha channel (RGBA, LA, PA), a palette
-    with alpha or a transparent index (P), or the transparent colour of a grayscale or RGB PNG (``tRNS``)."""
-    if img.mode in ("L", "RGB") and "transparency" in img.info:
-        img = img.convert("RGBA")
+    with alpha or a transparent index (P), or the transparent value of a 1-bit, grayscale (8 or 16 bit) or RGB PNG
+    (``tRNS``)."""
+    import numpy as np
+
+    key = img.info.get("transparency") if img.mode in _KEYED_MODES else None
+    keyed = None
+    if isinstance(key, int) or (isinstance(key, tuple) and img.mode == "RGB"):
+        pixels = np.asarray(img)
+        if img.mode == "RGB":
+            keyed = (pixels == np.asarray(key)).all(axis=-1)
+        else:
+            keyed = pixels == (bool(key) if img.mode == "1" else key)
+    rgb = _opaque_rgb(img)
+    if keyed is None or not keyed.any():
+        return rgb
+    out = np.array(rgb)
+    out[keyed] = 255
+    return Image.fromarray(out, mode="RGB")
+
+
+def _opaque_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, alpha channels and palette transparency composited on white (a tRNS value is ``to_rgb``'s)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

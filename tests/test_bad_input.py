@@ -209,6 +209,36 @@ def test_a_palette_with_alpha_is_composited_on_white():
     assert (out[:, 3:] == 255).all() and (out[:, :3, 0] > 150).all() and (out[:, :3, 1] < 60).all()
 
 
+@pytest.mark.parametrize(
+    "mode, fill, key",
+    [("1", 1, 0), ("L", 40, 7), ("I;16", 3000, 1000), ("RGB", (9, 9, 9), (1, 2, 3))],
+)
+def test_the_transparent_value_of_any_keyed_png_is_white(tmp_path, mode, fill, key):
+    """A PNG's tRNS value marks transparent pixels in 1-bit and 16-bit grayscale images too, not only in 8-bit
+    grayscale and RGB: they come out white, and the other pixels keep their grey or colour."""
+    from core.images import load_image
+
+    img = Image.new(mode, (6, 4), fill)
+    for x in range(3):
+        for y in range(4):
+            img.putpixel((x, y), key)  # the left half holds the key value
+    if mode == "I;16":
+        img.putpixel((5, 0), 6000)  # the brightest pixel, so the key value alone would not read as white
+    img.save(tmp_path / "keyed.png", transparency=key)
+    out = np.asarray(load_image(tmp_path / "keyed.png"))
+    assert (out[:, :3] == 255).all(), out[:, :3, 0]
+    assert (out[:, 3:] == np.asarray(load_image_opaque(img))[:, 3:]).all()
+    assert (out[:, 3:] < 255).any() or mode == "1"  # a real colour on the right (1-bit "1" is white anyway)
+
+
+def load_image_opaque(img: Image.Image) -> Image.Image:
+    """``img`` read without its transparency."""
+    from core.images import to_rgb
+
+    img.info.pop("transparency", None)
+    return to_rgb(img)
+
+
 def test_a_string_too_long_to_store_fails_its_image_alone(detector, captchas, sqlite_url):
     """A model set to emit more characters than a result holds (64) fails that image, not the batch's write."""
     import dataclasses
