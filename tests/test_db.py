@@ -67,20 +67,24 @@ def test_upgrade_is_idempotent_and_runs_from_any_cwd(tmp_path, monkeypatch):
     dispose_engines()
 
 
-def test_upgrade_keeps_one_champion(sqlite_url):
-    """A database that already holds two champions keeps the one promoted last; then a second one is refused."""
-    upgrade(sqlite_url, "0002")
-    rows = [(1, "champion", "2026-01-01 00:00:00"), (2, "champion", "2026-01-02 00:00:00"), (3, "ready", None)]
-    with make_engine(sqlite_url).begin() as conn:
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_upgrade_keeps_one_champion(request, backend):
+    """A database that already holds several champions keeps the one promoted last, on either backend (a champion
+    without a promotion time counts as the earliest); then a second one is refused."""
+    url = request.getfixturevalue(f"{backend}_url")
+    upgrade(url, "0002")
+    rows = [(1, "champion", "2026-01-01 00:00:00"), (2, "champion", "2026-01-02 00:00:00"), (3, "ready", None),
+            (4, "champion", None)]  # fmt: skip
+    with make_engine(url).begin() as conn:
         for number, status, promoted in rows:
             conn.execute(sa.text(
                 "INSERT INTO model_versions (number, arch, path, sha256, metrics, data_summary, status, created_at, "
                 "promoted_at) VALUES (:n, 'fast', '/x', 'ab', '{}', '{}', :s, '2026-01-01 00:00:00', :p)"
             ), {"n": number, "s": status, "p": promoted})  # fmt: skip
-    upgrade(sqlite_url)
-    with make_engine(sqlite_url).connect() as conn:
+    upgrade(url)
+    with make_engine(url).connect() as conn:
         statuses = conn.execute(sa.text("SELECT number, status FROM model_versions ORDER BY number")).all()
-        assert statuses == [(1, "ready"), (2, "champion"), (3, "ready")]
+        assert statuses == [(1, "ready"), (2, "champion"), (3, "ready"), (4, "ready")]
         with pytest.raises(sa.exc.IntegrityError):
             conn.execute(sa.text("UPDATE model_versions SET status = 'champion' WHERE number = 3"))
     dispose_engines()

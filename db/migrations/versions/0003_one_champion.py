@@ -32,7 +32,7 @@ def upgrade() -> None:
     champions = bind.execute(
         sa.select(versions.c.id)
         .where(versions.c.status == "champion")
-        .order_by(versions.c.promoted_at.desc(), versions.c.number.desc())
+        .order_by(versions.c.promoted_at.desc().nulls_last(), versions.c.number.desc())
     ).scalars().all()  # fmt: skip
     if len(champions) > 1:
         bind.execute(sa.update(versions).where(versions.c.id.in_(champions[1:])).values(status="ready"))
