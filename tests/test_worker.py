@@ -385,6 +385,8 @@ def test_device_auto_on_a_gpu_machine_is_held_to_one_process():
     import torch
 
     assert cuda_in_child() == torch.cuda.is_available()
+    with pytest.raises(WorkerConfigError, match="could not tell whether there is a GPU.*--device cpu"):
+        cuda_in_child(python="/nonexistent/python")  # a child that cannot answer is not taken for "no GPU"
 
 
 def test_torch_threads_split_the_cores_between_processes(monkeypatch):

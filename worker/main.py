@@ -64,13 +64,18 @@ def worker_argv(
     ]
 
 
-def cuda_in_child() -> bool:
-    """Whether PyTorch sees a CUDA device, asked in a child process so that this one never touches CUDA."""
+def cuda_in_child(python: str = sys.executable) -> bool:
+    """Whether PyTorch sees a CUDA device, asked in a child process so that this one never touches CUDA. Raises
+    ``WorkerConfigError`` when the child cannot tell (it failed or hung): guessing "no GPU" could start several
+    processes on one."""
     probe = "import torch; print(int(torch.cuda.is_available()))"
     try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return False
+        out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = exc.stderr.strip().splitlines()[-1] if getattr(exc, "stderr", None) else str(exc)
+        raise WorkerConfigError(
+            f"could not tell whether there is a GPU for --device auto ({detail}); pass --device cpu or --device cuda"
+        ) from None
     return out.stdout.strip().endswith("1")
 
 
