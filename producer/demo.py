@@ -8,8 +8,10 @@ again, on success or failure.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +82,9 @@ def run_demo(
                "CAPTCHA_CHECKPOINT": str(checkpoint)}  # fmt: skip
         log_path = workdir / "worker.log"
         console.print(f"[bold]3/4[/] starting a worker ({concurrency} process(es), {device}); log: {log_path}")
-        with WorkerProcess(log_path, queues=queue, concurrency=concurrency, device=device, env=env) as worker:
+        with _dropped_at_exit(broker_url, queue), WorkerProcess(
+            log_path, queues=queue, concurrency=concurrency, device=device, env=env
+        ) as worker:
             console.print("[bold]4/4[/] enqueueing and waiting for the results")
             sent = enqueue(
                 [workdir / "captchas" / "images"],
@@ -112,6 +116,26 @@ def run_demo(
     )
     print_report(report, console)
     return report
+
+
+@contextlib.contextmanager
+def _dropped_at_exit(broker_url: str, queue: str) -> Iterator[None]:
+    """Delete the demo's own queue from the broker on leaving (its list, its priority lists and its binding), also
+    after an error or an interrupt, so a configured Redis keeps no trace of the run. The worker is stopped first."""
+    try:
+        yield
+    finally:
+        import redis
+
+        client = redis.Redis.from_url(broker_url)
+        try:
+            keys = list(client.scan_iter(match=f"*{queue}*"))  # the name is the demo's own: demo-<random hex>
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass  # the broker went away: nothing to clean
+        finally:
+            client.close()
 
 
 def print_report(report: DemoReport, console: Console, shown: int = 20) -> None:

@@ -21,15 +21,27 @@ def demo_env(redis_url, monkeypatch):
     get_settings.cache_clear()
 
 
-def test_demo_decodes_synthetic_captchas_through_the_queue(demo_env, tmp_path):
+def test_demo_decodes_synthetic_captchas_through_the_queue(demo_env, redis_url, tmp_path):
     workdir = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--count", "6", "--workdir", str(workdir)])
     assert result.exit_code == 0, result.output
     assert "6 done, 0 failed" in result.output and "sequence accuracy" in result.output
     assert "ready." in (workdir / "worker.log").read_text()
+    assert_no_demo_queue_left(redis_url)
 
 
-def test_demo_fails_when_no_image_could_be_decoded(demo_env, tmp_path, monkeypatch):
+def assert_no_demo_queue_left(url: str) -> None:
+    """The demo's queue, its priority lists and its binding are gone from the broker it used."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        assert [key for key in client.keys() if b"demo-" in key] == []
+    finally:
+        client.close()
+
+
+def test_demo_fails_when_no_image_could_be_decoded(demo_env, redis_url, tmp_path, monkeypatch):
     """A checkpoint the worker cannot load: every image is a failed row with the reason, and the command fails."""
     from core.checkpoint import default_checkpoint_path
     from core.config import get_settings
@@ -42,3 +54,4 @@ def test_demo_fails_when_no_image_could_be_decoded(demo_env, tmp_path, monkeypat
     result = CliRunner().invoke(app, ["demo", "--count", "3", "--workdir", str(tmp_path / "demo")])
     assert result.exit_code == 1, result.output
     assert "0 done, 3 failed" in result.output and "no image was decoded" in result.output
+    assert_no_demo_queue_left(redis_url)
