@@ -40,7 +40,12 @@ class CeleryConfig:
     # a producer whose broker restarts reconnects and publishes again (0 s, 0.5 s, ... at most 2 s apart, about 50 s)
     task_publish_retry = True
     task_publish_retry_policy = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
-    broker_transport_options = {"visibility_timeout": get_settings().visibility_timeout}
+    # a broker that accepts connections and stops answering fails a call after 30 s instead of hanging it forever
+    broker_transport_options = {
+        "visibility_timeout": get_settings().visibility_timeout,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 10,
+    }
 
     task_serializer = "json"
     result_serializer = "json"

@@ -73,6 +73,15 @@ def postgres_url() -> str:
 
 
 @pytest.fixture()
+def silent_broker_url():
+    """A Redis URL whose server accepts connections and never answers (``brokers.silent_broker``)."""
+    from brokers import silent_broker
+
+    with silent_broker() as url:
+        yield url
+
+
+@pytest.fixture()
 def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'captcha-queue.db'}"
 

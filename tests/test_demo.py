@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from core.cli import app
+from processes import interrupt_when
 
 
 @pytest.fixture()
@@ -54,4 +59,16 @@ def test_demo_fails_when_no_image_could_be_decoded(demo_env, redis_url, tmp_path
     result = CliRunner().invoke(app, ["demo", "--count", "3", "--workdir", str(tmp_path / "demo")])
     assert result.exit_code == 1, result.output
     assert "0 done, 3 failed" in result.output and "no image was decoded" in result.output
+    assert_no_demo_queue_left(redis_url)
+
+
+def test_demo_stopped_by_sigterm_stops_its_worker_and_leaves_no_queue(demo_env, redis_url, tmp_path):
+    """SIGTERM (a container stop, ``kill``) mid-run: the worker it started shuts down and its queue is deleted."""
+    workdir = tmp_path / "demo"
+    log = workdir / "worker.log"
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "demo", "--count", "60", "--workdir", str(workdir)],
+                            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    interrupt_when(proc, lambda: log.exists() and "ready." in log.read_text(), signal.SIGTERM, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Warm shutdown" in log.read_text()  # stopped by the demo, not left running
     assert_no_demo_queue_left(redis_url)

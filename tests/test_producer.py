@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from brokers import stalling_proxy
+from processes import interrupt_when
 from producer.enqueue import EnqueueError, enqueue
 from producer.scan import ScanError, scan
 
@@ -278,6 +281,34 @@ def test_sigterm_is_an_exit_inside_the_commands_that_clean_up():
         time.sleep(5)  # the handler raises before this ends
     assert exc.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_enqueue_command_stopped_while_sending_marks_the_unsent_images_failed(tmp_path, db, redis_url, signum):
+    """``captcha-queue enqueue`` whose broker stops answering mid-publish, then stopped by Ctrl-C or by SIGTERM: the
+    images it registered are failed rows saying why, not pending rows that no message will ever bring to a worker."""
+    touch_images(tmp_path / "in", ["a-0.png", "b-0.png", "c-0.png"])
+    with stalling_proxy(redis_url) as broker:
+        env = {**os.environ, "CAPTCHA_DATABASE_URL": db, "CAPTCHA_BROKER_URL": broker}
+        proc = subprocess.Popen([sys.executable, "-m", "core.cli", "enqueue", str(tmp_path / "in")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        interrupt_when(proc, lambda: len(db_images(db)) == 3, signum)
+    assert proc.returncode != 0
+    rows = db_images(db)
+    assert [status for *_, status, _ in rows] == ["failed"] * 3, rows
+    assert all(error == "not enqueued: interrupted" for *_, error in rows), rows
+
+
+def test_enqueue_to_a_broker_that_never_answers_fails_clearly(tmp_path, db, silent_broker_url, monkeypatch):
+    """A broker that takes the connection and never replies: a readable error after the socket timeout (not a
+    command that hangs for ever), and nothing registered."""
+    from core.celery_app import app
+
+    monkeypatch.setitem(app.conf.broker_transport_options, "socket_timeout", 1)
+    touch_images(tmp_path / "in", ["a-0.png"])
+    with pytest.raises(EnqueueError, match="cannot reach the broker.*Timeout"):
+        enqueue([tmp_path / "in"], database_url=db, broker_url=silent_broker_url)
+    assert db_images(db) == []
 
 
 def test_waiting_stops_when_the_decoder_is_gone(tmp_path, db, redis_url, queue):

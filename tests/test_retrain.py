@@ -10,10 +10,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from core.checkpoint import CheckpointError, read_metadata, sha256_file
 from core.registry import RegistryError, champion, get_version, list_versions, load_version, promote, rollback, verify
 from core.retrain import RetrainError, RetrainRequest, run_retrain
 from db.models import TrainingRun, WorkerEvent
+from processes import interrupt_when
 from sample_models import TINY, sharpened_random_model
 
 
@@ -425,42 +424,27 @@ def test_retraining_folders_outside_the_allowed_roots_are_refused(env, data, tmp
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_retrain_interrupted_while_sending_fails_its_run(data, tmp_path, sqlite_url, signum):
+def test_retrain_interrupted_while_sending_fails_its_run(data, sqlite_url, silent_broker_url, signum):
     """A broker that accepts connections and never answers holds ``send_task``; stopping the command then must not
     leave a run ``queued`` for ever with no message behind it."""
     from db.session import session_factory
 
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        port = silent.getsockname()[1]
-        env = {**os.environ, "CAPTCHA_BROKER_URL": f"redis://127.0.0.1:{port}/0", "CAPTCHA_DATABASE_URL": sqlite_url}
-        args = [
-            "retrain", "--images", str(data / "train" / "images"), "--labels", str(data / "train" / "labels"),
-            "--scratch", "--model-config", json.dumps(TINY), "--device", "cpu",
-        ]  # fmt: skip
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", *args], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = {**os.environ, "CAPTCHA_BROKER_URL": silent_broker_url, "CAPTCHA_DATABASE_URL": sqlite_url}
+    args = [
+        "retrain", "--images", str(data / "train" / "images"), "--labels", str(data / "train" / "labels"),
+        "--scratch", "--model-config", json.dumps(TINY), "--device", "cpu",
+    ]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def queued() -> bool:
         try:
-            deadline = time.monotonic() + 60
-            runs: list = []
-            while time.monotonic() < deadline and not runs and proc.poll() is None:
-                time.sleep(0.2)
-                if Path(sqlite_url.removeprefix("sqlite:///")).exists():
-                    with session_factory(sqlite_url)() as session:
-                        try:
-                            runs = session.scalars(sa.select(TrainingRun)).all()
-                        except sa.exc.OperationalError:  # the schema is being created
-                            runs = []
-            assert [run.status for run in runs] == ["queued"], proc.stderr.read() if proc.poll() is not None else ""
-            time.sleep(0.5)  # into send_task, which waits on the silent broker
-            assert proc.poll() is None
-            proc.send_signal(signum)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            with session_factory(sqlite_url)() as session:
+                return session.scalars(sa.select(TrainingRun.status)).all() == ["queued"]
+        except sa.exc.OperationalError:  # no database or no schema yet
+            return False
+
+    interrupt_when(proc, queued, signum)
     assert proc.returncode != 0
     with session_factory(sqlite_url)() as session:
         (run,) = session.scalars(sa.select(TrainingRun)).all()
