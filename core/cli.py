@@ -672,7 +672,7 @@ def worker(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("out/demo"), help="Scratch folder (recreated): images, database, worker log."),
+    workdir: Path = typer.Option(Path("out/demo"), help="Scratch folder, emptied on every run (refused if it holds files the demo did not write)."),
     count: int = typer.Option(200, min=1, help="Synthetic CAPTCHAs to decode."),
     seed: int = typer.Option(0, help="Seed of the synthetic images."),
     concurrency: int = typer.Option(1, min=1, help="Worker processes."),

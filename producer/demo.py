@@ -40,6 +40,31 @@ class DemoReport:
         return self.correct / self.images if self.images else 0.0
 
 
+# what a run writes in its folder: the next run may delete a folder that holds nothing else
+DEMO_FILES = frozenset({"captchas", "demo.db", "demo.db-wal", "demo.db-shm", "demo.db-journal", "worker.log"})
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """``workdir`` (resolved) emptied for a new run, or ``DemoError`` when emptying it could delete anything but an
+    earlier demo's files: a folder holding other files, a file, or the current directory or one above it."""
+    workdir = Path(workdir).resolve()
+    if workdir.exists():
+        if not workdir.is_dir():
+            raise DemoError(f"--workdir {workdir} is a file, not a folder")
+        if workdir == Path.cwd().resolve() or workdir in Path.cwd().resolve().parents:
+            raise DemoError(f"--workdir {workdir} is the current folder or holds it: give a folder of its own")
+        others = sorted(entry.name for entry in workdir.iterdir() if entry.name not in DEMO_FILES)
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise DemoError(
+                f"--workdir {workdir} holds files that the demo did not write ({shown}); it is emptied on every run, "
+                "so give a new or empty folder"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    return workdir
+
+
 def run_demo(
     workdir: Path,
     count: int = 200,
@@ -64,10 +89,7 @@ def run_demo(
     checkpoint = settings.checkpoint or default_checkpoint_path()
     if not Path(checkpoint).exists():
         raise DemoError(f"no checkpoint at {checkpoint}: set CAPTCHA_CHECKPOINT or train one (captcha-queue train)")
-    workdir = Path(workdir).resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir = prepare_workdir(workdir)
     database_url = f"sqlite:///{workdir / 'demo.db'}"
 
     console.print(f"[bold]1/4[/] synthesising {count} CAPTCHAs into {workdir / 'captchas'}")

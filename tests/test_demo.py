@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -72,3 +73,33 @@ def test_demo_stopped_by_sigterm_stops_its_worker_and_leaves_no_queue(demo_env, 
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Warm shutdown" in log.read_text()  # stopped by the demo, not left running
     assert_no_demo_queue_left(redis_url)
+
+
+def test_demo_refuses_a_workdir_holding_other_files(tmp_path, monkeypatch):
+    """The folder is emptied on every run: only one that holds nothing but an earlier demo's files may be."""
+    from producer.demo import DemoError, prepare_workdir
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    (precious / "worker.log").write_text("old")
+    with pytest.raises(DemoError, match=r"holds files that the demo did not write \(notes.txt\)"):
+        prepare_workdir(precious)
+    assert (precious / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(precious)
+    with pytest.raises(DemoError, match="the current folder"):
+        prepare_workdir(Path("."))
+    with pytest.raises(DemoError, match="the current folder"):
+        prepare_workdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DemoError, match="is a file"):
+        prepare_workdir(tmp_path / "file")
+
+    earlier = tmp_path / "earlier"  # what a run leaves: emptied
+    (earlier / "captchas" / "images").mkdir(parents=True)
+    (earlier / "demo.db").write_text("")
+    (earlier / "worker.log").write_text("")
+    assert prepare_workdir(earlier) == earlier.resolve() and list(earlier.iterdir()) == []
+    assert prepare_workdir(tmp_path / "new" / "demo").is_dir()
+    result = CliRunner().invoke(app, ["demo", "--count", "2", "--workdir", str(tmp_path / "file")])
+    assert result.exit_code == 1 and "is a file" in result.output
