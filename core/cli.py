@@ -598,7 +598,8 @@ def enqueue(
     """Register the images of DIRS as a job and send their paths to the workers; prints the job id."""
     from rich.console import Console
 
-    from db.session import upgrade
+    from core.config import mask_url
+    from db.session import database_url, upgrade
     from producer.enqueue import EnqueueError, enqueue as enqueue_images, wait_for_job
     from producer.scan import ScanError
 
@@ -623,7 +624,11 @@ def enqueue(
     typer.echo(report.job_id)
     if wait:
         try:
-            waited = wait_for_job(report.job_id, progress=True)
+            waited = wait_for_job(report.job_id, progress=True, on_stall=lambda seconds: console.print(
+                f"[yellow]hint:[/] no image of job {report.job_id} finished in {seconds:.0f} s. Is a worker consuming "
+                f"the '{queue}' queue (captcha-queue worker --queues {queue}), with the same CAPTCHA_DATABASE_URL "
+                f"({mask_url(database_url())})? Ctrl-C stops waiting; the job goes on."
+            ))  # fmt: skip
         except KeyboardInterrupt:
             console.print(f"stopped waiting; job {report.job_id} goes on (captcha-queue status {report.job_id})")
             raise typer.Exit(130) from None

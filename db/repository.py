@@ -321,3 +321,12 @@ def fail_pending(session: Session, image_ids: Sequence[int], reason: str) -> int
         )
         marked += result.rowcount
     return marked
+
+
+def stored_paths(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
+    """The stored path (text form) of each of ``image_ids`` that exists: id -> path."""
+    found: dict[int, str] = {}
+    for chunk in _chunks(image_ids, REGISTER_CHUNK):
+        rows = session.execute(select(Image.id, Image.path).where(Image.id.in_(chunk)))
+        found.update((row.id, row.path) for row in rows)
+    return found

@@ -238,11 +238,15 @@ def wait_for_job(
     timeout_s: float | None = None,
     progress: bool = False,
     alive: Callable[[], bool] | None = None,
+    on_stall: Callable[[float], None] | None = None,
+    stall_s: float = 60.0,
 ) -> WaitReport:
     """Poll the database until every image of ``job_id`` is done or failed (or ``timeout_s`` passed, or ``alive``,
     asked at every poll, says that whatever decodes the job is gone).
 
-    Shows a progress bar of (done + failed) / total when ``progress``. Returns the final counts.
+    Shows a progress bar of (done + failed) / total when ``progress``. ``on_stall(seconds)`` is called once when no
+    image has finished for ``stall_s`` seconds (no worker on the queue, or one writing to another database). Returns
+    the final counts.
     """
     from db.repository import job_counts
     from db.session import session_factory
@@ -250,6 +254,7 @@ def wait_for_job(
     factory = session_factory(database_url)
     started = time.perf_counter()
     bar, task = _progress(progress, f"job {job_id}", None)
+    last_change, last_finished, stalled = started, -1, False
     with bar:
         while True:
             with factory() as session:
@@ -258,6 +263,12 @@ def wait_for_job(
             bar.update(task, total=counts["total"], completed=finished)
             if finished >= counts["total"]:
                 break
+            now = time.perf_counter()
+            if finished != last_finished:
+                last_change, last_finished = now, finished
+            elif on_stall is not None and not stalled and now - last_change >= stall_s:
+                stalled = True
+                on_stall(now - last_change)
             if timeout_s is not None and time.perf_counter() - started > timeout_s:
                 break
             if alive is not None and not alive():

@@ -321,6 +321,16 @@ def test_waiting_stops_when_the_decoder_is_gone(tmp_path, db, redis_url, queue):
     assert (waited.pending, waited.total) == (2, 2) and time.perf_counter() - started < 5
 
 
+def test_waiting_on_a_job_nobody_decodes_gives_one_hint(tmp_path, db, redis_url, queue):
+    from producer.enqueue import wait_for_job
+
+    touch_images(tmp_path / "in", ["a-0.png"])
+    sent = enqueue([tmp_path / "in"], queue=queue, database_url=db, broker_url=redis_url)
+    stalls: list[float] = []
+    waited = wait_for_job(sent.job_id, database_url=db, poll_s=0.05, timeout_s=1.0, stall_s=0.3, on_stall=stalls.append)
+    assert waited.pending == 1 and len(stalls) == 1 and stalls[0] >= 0.3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the command line
 

@@ -5,6 +5,7 @@ Decoding runs a real (small) detector on synthetic CAPTCHAs and writes to a real
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -279,6 +280,20 @@ def test_task_loads_the_detector_once_per_process_and_records_outcomes(task_env,
     decode.apply(kwargs={"job_id": 1, "images": [list(x) for x in items[3:]]}).get()
     assert decode._runtime is runtime
     assert {r["status"] for r in rows(sqlite_url).values()} == {"done"}
+
+
+def test_task_leaves_alone_images_of_another_database(task_env, captchas, sqlite_url, tmp_path, caplog):
+    """A message enqueued into another database names ids that mean other images here (or nothing): they are
+    neither decoded nor written over; the images that match by id and path are."""
+    items = make_db(sqlite_url, [str(p) for p in captchas[:3]])
+    elsewhere = make_db(f"sqlite:///{tmp_path / 'other.db'}", [str(p) for p in captchas[3:6]])
+    message = [list(items[0]), list(elsewhere[1]), [999, str(captchas[0])]]  # id 2 is another path here
+    with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+        result = task_env.apply(kwargs={"job_id": 1, "images": message})
+    assert result.get() == {"done": 1, "failed": 0}
+    got = rows(sqlite_url)
+    assert [got[path]["status"] for _, path in items] == ["done", "pending", "pending"]
+    assert "2 of 3 images are not registered" in caplog.text and "CAPTCHA_DATABASE_URL" in caplog.text
 
 
 def test_task_rejects_a_malformed_message(task_env):

@@ -26,7 +26,7 @@ from sqlalchemy.orm import sessionmaker
 from core.images import ImageError, load_image
 from core.paths import is_allowed, is_regular_file, safe_text, text_to_path
 from db.models import Result
-from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes
+from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes, stored_paths
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,20 @@ def write_outcomes(sessions: sessionmaker, outcomes: Sequence[ImageOutcome], att
             delay = 0.5 * 2 ** (attempt - 1)
             log.warning("database write failed (%s); retrying in %.1f s", exc.orig or exc, delay)
             time.sleep(delay)
+
+
+def registered_items(
+    sessions: sessionmaker, items: Sequence[tuple[int, str]]
+) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """Split a message's ``items`` into those whose id names the same path in this database and the others.
+
+    An id is only a row number: a message from a producer that registered its images in another database (another
+    ``CAPTCHA_DATABASE_URL``, such as a relative SQLite path opened from another folder) would otherwise write its
+    results, or its failures, over unrelated images of this one."""
+    with sessions() as session:
+        paths = stored_paths(session, [image_id for image_id, _ in items])
+    ours = [(i, p) for i, p in items if paths.get(i) == p]
+    return ours, [(i, p) for i, p in items if paths.get(i) != p]
 
 
 def fail_unfinished(sessions: sessionmaker, items: Sequence[tuple[int, str]], reason: str) -> int:

@@ -16,7 +16,9 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from core.celery_app import DECODE_TASK, app
-from worker.decode import MessageError, decode_images, fail_all, fail_unfinished, parse_images
+from core.config import get_settings
+from db.session import session_factory
+from worker.decode import MessageError, decode_images, fail_all, fail_unfinished, parse_images, registered_items
 from worker.runtime import Runtime, load_runtime
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,14 @@ def decode(self: DecodeTask, job_id: int, images: list) -> dict:
     except MessageError as exc:
         log.error("job %s: rejecting malformed message: %s", job_id, exc)
         raise Reject(str(exc), requeue=False) from exc
+    items, foreign = registered_items(session_factory(get_settings().database_url), items)
+    if foreign:
+        log.error(
+            "job %s: %d of %d images are not registered under these ids and paths in this worker's database "
+            "(e.g. id %d, %r): was the job enqueued into another database? Check that the producer and the workers "
+            "use the same CAPTCHA_DATABASE_URL; those images are left as they are",
+            job_id, len(foreign), len(foreign) + len(items), *foreign[0],
+        )  # fmt: skip
     try:
         rt = self.runtime
     except Exception as exc:
