@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -314,6 +316,7 @@ def test_task_marks_images_failed_when_the_detector_cannot_load(task_env, monkey
     got = rows(sqlite_url)
     assert {r["status"] for r in got.values()} == {"failed"}
     assert all("could not load the detector" in r["error"] for r in got.values())
+    assert all("missing.safetensors" in r["error"] for r in got.values())  # the reason itself, not "see the log"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,8 +361,6 @@ def test_an_interrupted_start_leaves_no_worker_behind(tmp_path, redis_url, monke
 
 def test_visibility_timeout_is_a_setting_read_from_dotenv_too(tmp_path):
     """Like every CAPTCHA_ setting, the visibility timeout may come from a ``.env`` file in the working directory."""
-    import subprocess
-    import sys
 
     (tmp_path / ".env").write_text("CAPTCHA_VISIBILITY_TIMEOUT=77\n")
     env = {k: v for k, v in os.environ.items() if k != "CAPTCHA_VISIBILITY_TIMEOUT"}
@@ -379,6 +380,30 @@ def test_worker_argv_picks_the_pool_and_refuses_several_processes_per_gpu():
         worker_argv(concurrency=2, device="cuda:0")
     with pytest.raises(WorkerConfigError):
         worker_argv(concurrency=2, pool="solo")
+    for bad in ("gpu", "cuda:x", "CPU", "cuda:0,1"):
+        with pytest.raises(WorkerConfigError, match="expected auto, cpu, cuda or cuda:N"):
+            worker_argv(device=bad)
+
+
+def test_a_worker_that_could_only_fail_refuses_to_start(tmp_path):
+    """A missing checkpoint file, or a CUDA device where there is none: an error at start, not a worker that says
+    "ready" and then fails every image it takes."""
+    from worker.main import check_before_start
+
+    def never() -> bool:
+        raise AssertionError("a CPU worker need not ask for a GPU")
+
+    with pytest.raises(WorkerConfigError, match="missing.safetensors: no such file"):
+        check_before_start("cpu", tmp_path / "missing.safetensors", never)
+    with pytest.raises(WorkerConfigError, match="sees no CUDA device"):
+        check_before_start("cuda:0", None, lambda: False)
+    check_before_start("cuda", None, lambda: True)
+    check_before_start("cpu", None, never)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    check_before_start("auto", tmp_path / "model.safetensors", never)
+    out = subprocess.run([sys.executable, "-m", "core.cli", "worker", "--device", "gpu"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "expected auto, cpu, cuda or cuda:N" in out.stderr
 
 
 def test_device_auto_on_a_gpu_machine_is_held_to_one_process():

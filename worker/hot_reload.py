@@ -91,6 +91,7 @@ class DetectorHolder:
         except _KeepCurrent:
             return
         candidates: list[tuple] = []
+        refusals: list[str] = []
         if row is not None:
             candidates.append(("version", row.number, row.sha256, row.path, row.metadata_sha256))
         if row is None or self.detector is None:  # no champion, or the champion may be refused at start
@@ -107,6 +108,7 @@ class DetectorHolder:
                 self._refused[source] = now + self.retry_after
                 target = f"v{source[1]}" if source[0] == "version" else source[1]
                 log.error("pid %d: refusing model %s: %s (serving %s)", os.getpid(), target, exc, old or "nothing yet")
+                refusals.append(f"{target}: {exc}")
                 self._record("refused", old, target, str(exc))
                 continue
             self.detector, self.source = detector, source
@@ -118,7 +120,7 @@ class DetectorHolder:
                 self._record("switch", old, detector.version, str(detector.checkpoint_path))
             return
         if self.detector is None:
-            raise CheckpointError("no model could be loaded (see the refused models above)")
+            raise CheckpointError("no model could be loaded: " + "; ".join(refusals or ["none to try"]))
 
     def _load(self, source: tuple) -> Any:
         from core.detector import Detector

@@ -11,6 +11,7 @@ default to cores / concurrency.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from core.config import get_settings
 from worker.runtime import torch_threads
 
 POOLS = ("auto", "solo", "prefork", "threads")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class WorkerConfigError(ValueError):
@@ -38,6 +40,8 @@ def worker_argv(
     """The ``celery worker`` arguments for these options; raises ``WorkerConfigError`` for impossible ones."""
     if concurrency < 1:
         raise WorkerConfigError("--concurrency must be at least 1")
+    if not DEVICE.fullmatch(device):
+        raise WorkerConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if pool not in POOLS:
         raise WorkerConfigError(f"--pool must be one of {', '.join(POOLS)}")
     if device.startswith("cuda"):
@@ -90,6 +94,17 @@ def resolve_worker_device(
     return "cuda" if cuda_available() else device
 
 
+def check_before_start(
+    device: str, checkpoint: str | os.PathLike | None, cuda_available: Callable[[], bool] = cuda_in_child
+) -> None:
+    """Refuse to start (``WorkerConfigError``) a worker that could only fail every image it takes: a configured
+    checkpoint file that does not exist, or a CUDA device where PyTorch sees none (asked in a child process)."""
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise WorkerConfigError(f"CAPTCHA_CHECKPOINT {checkpoint}: no such file")
+    if device.startswith("cuda") and not cuda_available():
+        raise WorkerConfigError(f"--device {device}: PyTorch sees no CUDA device here (use --device cpu or auto)")
+
+
 def start_worker(
     queues: str = DECODE_QUEUE,
     concurrency: int = 1,
@@ -103,6 +118,7 @@ def start_worker(
     settings = get_settings()
     device = resolve_worker_device(device or settings.device, concurrency, pool)
     argv = worker_argv(queues, concurrency, device, pool, loglevel, hostname)
+    check_before_start(device, settings.checkpoint)
     # pool processes read their settings from the environment they inherit
     os.environ["CAPTCHA_DEVICE"] = device
     os.environ["CAPTCHA_BATCH_SIZE"] = str(batch_size or settings.batch_size)
