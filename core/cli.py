@@ -263,7 +263,7 @@ def autolabel(
                 images, out, checkpoint=checkpoint, colour=colour, workers=workers, batch_size=batch_size,
                 device=device, on_progress=on_progress,
             )  # fmt: skip
-    except (CheckpointError, NotADirectoryError) as exc:
+    except (CheckpointError, ValueError, OSError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     summary = report.as_dict()
@@ -1000,8 +1000,48 @@ def models_rollback(database_url: Optional[str] = typer.Option(None, help=DATABA
         typer.echo(f"{retired.version} retired; champion: {now}")
 
 
+def _user_error(exc: Exception) -> str | None:
+    """A one-line message for an error that a user's input or setup caused (a setting, a database URL, a path), or
+    None for anything else, which keeps its traceback."""
+    import pydantic
+    import sqlalchemy as sa
+
+    from core.config import mask_url
+
+    if isinstance(exc, pydantic.ValidationError):
+        problems = [f"CAPTCHA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        return "invalid setting " + "; ".join(problems)
+    if isinstance(exc, sa.exc.NoSuchModuleError):
+        return f"unsupported database URL ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+    if isinstance(exc, sa.exc.ArgumentError):
+        return f"not a database URL: {exc}"
+    if isinstance(exc, sa.exc.OperationalError):
+        url = getattr(exc, "connection_url", None)
+        where = f" {mask_url(str(url))}" if url else ""
+        return f"cannot use the database{where}: {str(exc.orig or exc).strip().splitlines()[0]}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name in _DB_DRIVERS:
+        return f"no driver for this database URL ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return str(exc)
+    return None
+
+
+_DB_DRIVERS = {"MySQLdb", "pymysql", "mysql", "psycopg2", "asyncpg", "pg8000", "pyodbc", "cx_Oracle", "oracledb"}
+
+
 def main() -> None:
-    app()
+    """The ``captcha-queue`` entry point: errors of the user's input or setup are one line, not a traceback
+    (``CAPTCHA_DEBUG=1`` shows the traceback all the same)."""
+    import os
+
+    try:
+        app()
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None or os.environ.get("CAPTCHA_DEBUG"):
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -43,10 +43,23 @@ class Prediction:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given (CUDA is touched only here)."""
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given (CUDA is touched only here).
+
+    Raises ``ValueError`` for a device that is not ``cpu`` or ``cuda[:N]``, or a CUDA device PyTorch does not see.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}: expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise ValueError(f"device {str(device)!r}: PyTorch sees {count} CUDA device(s) here")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: expected auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -290,3 +290,17 @@ def test_both_gate_detects_only_where_the_colour_reading_is_unsure(tmp_path: Pat
     with pytest.raises(CheckpointError, match="both_gate"):
         reconfigure_checkpoint(default_checkpoint_path(), tmp_path / "bad.safetensors",
                                {"box_source": "both", "both_gate": 0.0})
+
+
+def test_devices_are_checked_with_a_readable_error():
+    import torch
+
+    from core.detector import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    for bad in ("tpu", "gpu", "mps"):
+        with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    with pytest.raises(ValueError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last, or any on a machine without

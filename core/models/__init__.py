@@ -12,6 +12,8 @@ Both follow torchvision's detection conventions::
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from core.models.decode import text_from_detections
@@ -25,12 +27,18 @@ def build_model(arch: str = "fast", num_classes: int = 36, **config) -> nn.Modul
     """A freshly initialised detector of architecture ``arch`` (``"fast"`` or ``"seed"``).
 
     ``config`` overrides the architecture's keyword arguments (see :class:`FastRCNN` and :class:`SeedRCNN`);
-    unknown keys raise ``TypeError``.
+    unknown keys raise ``ValueError``.
     """
     try:
         cls = ARCHS[arch]
     except KeyError:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHS)}") from None
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(unknown)} of the {arch} network; known: {', '.join(sorted(known))}"
+        )
     return cls(num_classes=num_classes, **config)
 
 
