@@ -376,6 +376,20 @@ def _open_database(database_url: Optional[str]):
     return session_factory(url)(), url
 
 
+def _require_job(session, url: str, job: Optional[str]) -> Optional[int]:
+    """The id of ``job`` (an id or a name: the latest job of that name), None when no job was given; a readable error
+    when there is no such job."""
+    from core.config import mask_url
+    from db.queries import resolve_job
+
+    if job is None:
+        return None
+    job_id = resolve_job(session, job)
+    if job_id is None:
+        raise _fail(f"no job {job} in {mask_url(url)}")
+    return job_id
+
+
 @db_app.command("upgrade")
 def db_upgrade(database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP)) -> None:
     """Create or migrate the database schema to the latest version."""
@@ -414,13 +428,11 @@ def status(
     from rich.table import Table
 
     from core.config import get_settings, mask_url
-    from db.queries import job_status, list_jobs, queue_depth, resolve_job
+    from db.queries import job_status, list_jobs, queue_depth
 
     session, url = _open_database(database_url)
     with session:
-        job_id = resolve_job(session, job) if job is not None else None
-        if job is not None and job_id is None:
-            raise _fail(f"no job {job} in {mask_url(url)}")
+        job_id = _require_job(session, url, job)
         counts = job_status(session, job_id)
         recent = list_jobs(session, jobs) if job is None else []
     broker = get_settings().broker_url
@@ -467,8 +479,9 @@ def results(
 
     from db.queries import iter_results
 
-    session, _ = _open_database(database_url)
+    session, url = _open_database(database_url)
     with session:
+        _require_job(session, url, job)
         rows = iter_results(
             session, job=job, status=status.value if status else None, text=text, min_score=min_score, limit=limit
         )
@@ -547,8 +560,9 @@ def render(
     if job is not None:
         from db.queries import query_results
 
-        session, _ = _open_database(database_url)
+        session, url = _open_database(database_url)
         with session:
+            _require_job(session, url, job)
             rows = query_results(session, job=job, status="done", limit=limit)
         written, errors = render_rows(rows, out_dir, scale=scale)
         for path, reason in errors.items():
@@ -640,16 +654,18 @@ def enqueue(
 
 @app.command()
 def requeue(
-    job: Optional[int] = typer.Argument(None, help="Job id (default: every job)."),
+    job: Optional[str] = typer.Argument(None, help="Job id or name (the latest job of that name; default: every job)."),
     queue: str = typer.Option("decode", help="Broker queue to send to."),
 ) -> None:
     """Send the images still pending again (after queued messages were lost); prints how many were sent."""
     from producer.enqueue import EnqueueError
     from producer.requeue import requeue_pending
 
-    _open_database(None)[0].close()
+    session, url = _open_database(None)
+    with session:
+        job_id = _require_job(session, url, job)
     try:
-        sent = requeue_pending(job, queue=queue)
+        sent = requeue_pending(job_id, queue=queue)
     except EnqueueError as exc:
         raise _fail(str(exc)) from None
     typer.echo(sent)

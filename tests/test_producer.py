@@ -355,6 +355,25 @@ def test_enqueue_command_prints_the_job_id(tmp_path, db, redis_url, queue):
     assert missing.returncode == 1 and "cannot read" in missing.stderr and missing.stdout == ""
 
 
+def test_requeue_command_sends_a_jobs_pending_images_again(tmp_path, db, redis_url, queue):
+    """``requeue`` takes a job by id or by name, sends only what is still pending, and refuses an unknown job."""
+    touch_images(tmp_path / "in", ["a-0.png", "b-0.png"])
+    touch_images(tmp_path / "other", ["c-0.png"])
+    env = {"CAPTCHA_DATABASE_URL": db, "CAPTCHA_BROKER_URL": redis_url}
+    first = enqueue([tmp_path / "in"], job_name="lost", queue=queue, database_url=db, broker_url=redis_url)
+    enqueue([tmp_path / "other"], job_name="kept", queue=queue, database_url=db, broker_url=redis_url)
+    import redis
+
+    redis.Redis.from_url(redis_url).delete(queue)  # the messages were lost
+    done = run_cli("requeue", "lost", "--queue", queue, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr
+    [message] = queued(redis_url, queue)
+    assert message["kwargs"]["job_id"] == first.job_id and len(message["kwargs"]["images"]) == 2
+    assert run_cli("requeue", str(first.job_id), "--queue", queue, env=env).stdout.strip() == "2"
+    missing = run_cli("requeue", "nosuch", "--queue", queue, env=env)
+    assert missing.returncode == 1 and "no job nosuch" in missing.stderr
+
+
 def test_producer_and_cli_do_not_import_torch():
     code = (
         "import sys, producer.enqueue, producer.scan, core.cli\n"

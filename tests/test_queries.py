@@ -219,6 +219,10 @@ def test_results_command_formats_parse(filled):
     out = run("results", "--database-url", url, "--limit", "3")
     assert out.exit_code == 0 and "ab12" in out.stdout and "k7m" in out.stdout and "zz" not in out.stdout
 
+    for command in (["results", "--job", "nosuch"], ["results", "--job", "77"], ["render", "--job", "nosuch"]):
+        out = run(*command, "--database-url", url)
+        assert out.exit_code == 1 and f"no job {command[-1]}" in out.stderr, (command, out.output)
+
 
 def test_status_command(filled, settings_env):
     out = run("status", "--database-url", filled["url"])
