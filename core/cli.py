@@ -168,6 +168,12 @@ def eval_command(
     except (CheckpointError, NotADirectoryError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    if report.images == 0 and not report.unreadable:
+        raise _fail(f"no image files in {images} (.png, .jpg, .jpeg, .bmp, .webp: give the folder that holds them)")
+    for path, reason in list(report.unreadable.items())[:20]:
+        typer.echo(f"warning: unreadable {path}: {reason}", err=True)
+    if len(report.unreadable) > 20:
+        typer.echo(f"warning: ... and {len(report.unreadable) - 20} more unreadable images", err=True)
     gate = detector.both_gate if detector.box_source == "both" else None  # reported only where it applies
     summary = {
         "checkpoint": str(detector.checkpoint_path),
@@ -178,6 +184,8 @@ def eval_command(
         **({"both_gate": gate} if gate is not None else {}),
         **report.as_dict(top_confusions=confusions),
     }
+    if report.scored == 0:  # no file name carries a text: nothing was measured, which is not 0%
+        summary["sequence_accuracy"] = summary["character_accuracy"] = None
     if json_output:
         typer.echo(json.dumps(summary))
         return
@@ -186,8 +194,11 @@ def eval_command(
     table.add_column("value", justify="right")
     table.add_row("images decoded", str(report.images))
     table.add_row("images with a truth", str(report.scored))
-    table.add_row("sequence accuracy", f"{report.sequence_accuracy:.4f}")
-    table.add_row("character accuracy", f"{report.character_accuracy:.4f}")
+    if report.scored:
+        table.add_row("sequence accuracy", f"{report.sequence_accuracy:.4f}")
+        table.add_row("character accuracy", f"{report.character_accuracy:.4f}")
+    else:
+        table.add_row("sequence accuracy", "n/a (no file name gives a text)")
     table.add_row("images/s", f"{report.images_per_second:.1f} ({detector.device}, {detector.precision})")
     gated = f", detector below {gate:g}" if gate is not None and gate < 1 else ""
     table.add_row("boxes from", detector.box_source + gated)

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from core.evaluate import GAP, align, character_accuracy, edit_distance, evaluate, score
 
@@ -159,6 +160,28 @@ def test_eval_command_prints_one_json_object_with_the_right_accuracy(checkpoint:
     )  # fmt: skip
     assert json.loads(limited.stdout)["images"] == 2
     assert json.loads(limited.stdout)["precision"] == "fp32"
+
+
+def test_eval_command_says_when_there_is_nothing_to_measure(checkpoint: Path, tmp_path: Path) -> None:
+    """An empty folder (or the one above ``images/``) is an error, not 0% accuracy; images whose names give no text
+    are decoded with the accuracy reported as not measured; unreadable files are named."""
+    def run(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(CLI), "eval", "--images", str(folder), "--checkpoint", str(checkpoint), "--json", "--device", "cpu"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    (tmp_path / "set" / "images").mkdir(parents=True)
+    empty = run(tmp_path / "set")
+    assert empty.returncode == 1 and empty.stdout == "" and "no image files in" in empty.stderr
+    Image.new("RGB", (120, 80), "white").save(tmp_path / "set" / "images" / "unnamed.png")
+    (tmp_path / "set" / "images" / "broken-0.png").write_bytes(b"not a png")
+    unnamed = run(tmp_path / "set" / "images")
+    assert unnamed.returncode == 0, unnamed.stderr
+    report = json.loads(unnamed.stdout)
+    assert (report["images"], report["scored"], report["unreadable"]) == (1, 0, 1)
+    assert report["sequence_accuracy"] is None and report["character_accuracy"] is None
+    assert "unreadable" in unnamed.stderr and "broken-0.png" in unnamed.stderr
 
 
 def test_eval_command_reports_a_bad_checkpoint(tmp_path: Path) -> None:
