@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -238,6 +239,10 @@ def reconfigure_checkpoint(path: str | os.PathLike, out: str | os.PathLike, chan
             f"only decode settings can change without training ({', '.join(sorted(DECODE_SETTINGS))}); "
             f"not {', '.join(unknown)}"
         )
+    for key, value in changes.items():
+        problem = _decode_setting_problem(key, value)
+        if problem:
+            raise CheckpointError(f"{key} {value!r}: {problem}")
     from core.models import build_model
 
     model, meta = load_checkpoint(path)
@@ -251,6 +256,32 @@ def reconfigure_checkpoint(path: str | os.PathLike, out: str | os.PathLike, chan
                                                        "created_at", "sha256", "reconfigured_from")}
     kept["reconfigured_from"] = {"path": str(path), "sha256": meta["sha256"], "changes": changes}
     return save_checkpoint(rebuilt, out, kept)
+
+
+_FRACTIONS = {"score_thresh", "nms_thresh", "cross_class_nms_thresh", "containment_thresh"}  # in [0, 1]
+_GATES = {"reader_view_gate", "both_gate"}  # in (0, 1]
+_COUNTS = {"detections_per_img", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"}  # whole numbers >= 1
+_OPTIONAL = {"cross_class_nms_thresh", "containment_thresh"}  # None turns the step off
+
+
+def _decode_setting_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be decode setting ``key`` (a type or a range), or None; the network checks the rest."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if value is None:
+        return None if key in _OPTIONAL else "needs a value"
+    if key in _FRACTIONS and not (number(value) and 0.0 <= value <= 1.0):
+        return "expected a number from 0 to 1" + (" (or null: off)" if key in _OPTIONAL else "")
+    if key in _GATES and not (number(value) and 0.0 < value <= 1.0):
+        return "expected a number above 0, at most 1"
+    if key in _COUNTS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return "expected a whole number of at least 1"
+    if key == "reader_views" and not (isinstance(value, list) and all(number(v) for v in value)):
+        return "expected a list of angles in degrees, e.g. [0, 7, -7]"
+    if key == "box_source" and not isinstance(value, str):
+        return "expected detector, colour or both"
+    return None
 
 
 def checkpoint_version(meta: dict, path: str | os.PathLike | None = None) -> str:

@@ -219,6 +219,15 @@ def test_reconfigure_changes_decode_settings_and_keeps_weights_and_metadata(imag
     with pytest.raises(CheckpointError, match="at least one angle"):
         reconfigure_checkpoint(src, out, {"reader_views": []})
     assert CliRunner().invoke(app, ["reconfigure", str(src), "--set", "[1]", "--out", str(out)]).exit_code == 1
+    for bad, why in (({"score_thresh": "high"}, "from 0 to 1"), ({"score_thresh": 5}, "from 0 to 1"),
+                     ({"nms_thresh": None}, "needs a value"), ({"reader_view_gate": 0}, "above 0"),
+                     ({"detections_per_img": 2.5}, "whole number"), ({"rpn_post_nms_top_n_test": True}, "whole number"),
+                     ({"reader_views": "0,7"}, "list of angles"), ({"box_source": 1}, "detector, colour or both")):
+        with pytest.raises(CheckpointError, match=why):
+            reconfigure_checkpoint(src, tmp_path / "bad.safetensors", bad)
+    assert not (tmp_path / "bad.safetensors").exists()
+    off = reconfigure_checkpoint(src, tmp_path / "off.safetensors", {"containment_thresh": None})
+    assert read_metadata(off)["model_config"]["containment_thresh"] is None
     # a checkpoint without a glyph reader has no views to set
     plain = save_checkpoint(build_model("fast", **TINY).eval(), tmp_path / "noreader.safetensors")
     with pytest.raises(CheckpointError, match="needs a glyph reader"):
