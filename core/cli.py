@@ -805,7 +805,7 @@ def retrain(
         raise
     typer.echo(task_id)
     if wait:
-        _follow_run(sessions, task_id)
+        _follow_run(sessions, task_id, queue=queue)
 
 
 def _finish_unsent_run(sessions, task_id: str, reason: str) -> None:
@@ -820,18 +820,20 @@ def _finish_unsent_run(sessions, task_id: str, reason: str) -> None:
                         .values(status="failed", error=reason, finished_at=utcnow()))  # fmt: skip
 
 
-def _follow_run(sessions, task_id: str, poll: float = 1.0, queued_hint_s: float = 60.0,
+def _follow_run(sessions, task_id: str, poll: float = 1.0, queued_hint_s: float = 60.0, queue: str = "train",
                 stale_hint_s: float = 1800.0) -> None:
     """Print each epoch of a run as it completes and its outcome; exit 1 when it fails, 130 on Ctrl-C (the run goes
     on). A run still queued after ``queued_hint_s``, or running without news for ``stale_hint_s``, gets a hint."""
     try:
-        _follow_run_loop(sessions, task_id, poll, queued_hint_s, stale_hint_s)
+        _follow_run_loop(sessions, task_id, poll, queued_hint_s, stale_hint_s, queue)
     except KeyboardInterrupt:
         typer.echo(f"stopped waiting; run {task_id[:8]} goes on (captcha-queue models)", err=True)
         raise typer.Exit(130) from None
 
 
-def _follow_run_loop(sessions, task_id: str, poll: float, queued_hint_s: float, stale_hint_s: float) -> None:
+def _follow_run_loop(
+    sessions, task_id: str, poll: float, queued_hint_s: float, stale_hint_s: float, queue: str = "train"
+) -> None:
     import time
 
     from db.models import TrainingRun, utcnow
@@ -843,8 +845,8 @@ def _follow_run_loop(sessions, task_id: str, poll: float, queued_hint_s: float, 
         if run.status == "queued" and "queued" not in hinted and time.monotonic() - started > queued_hint_s:
             hinted.add("queued")
             typer.echo(
-                f"run {task_id[:8]} still queued after {queued_hint_s:.0f} s: is a worker consuming the train queue "
-                "(captcha-queue worker --queues train), with the same CAPTCHA_DATABASE_URL as this command?",
+                f"run {task_id[:8]} still queued after {queued_hint_s:.0f} s: is a worker consuming the '{queue}' "
+                f"queue (captcha-queue worker --queues {queue}), with the same CAPTCHA_DATABASE_URL as this command?",
                 err=True,
             )
         quiet = (utcnow() - run.updated_at).total_seconds() if run.updated_at else 0.0

@@ -109,6 +109,8 @@ class RetrainRequest:
             raise RetrainError("'ema_decay' must be a number between 0 and 1")
         if request.train_parts not in ("all", "reader"):  # core.train.TRAIN_PARTS, without importing torch here
             raise RetrainError("'train_parts' must be 'all' or 'reader'")
+        if request.arch not in ("fast", "seed"):  # core.models.ARCHS, without importing torch here
+            raise RetrainError("'arch' must be 'fast' or 'seed'")
         return request
 
     def as_json(self) -> dict[str, Any]:

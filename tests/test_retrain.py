@@ -76,7 +76,7 @@ def test_request_validation_names_the_bad_field(data):
                        ({**good, "from_version": 2}, "from_version or scratch"), ({**good, "colour": 1}, "colour"),
                        ({**good, "val_labels": None}, "val_images and val_labels"),
                        ({**good, "ema_decay": 1.5}, "ema_decay"), ({**good, "augment": "yes"}, "augment"),
-                       ({**good, "train_parts": "heads"}, "train_parts")):  # fmt: skip
+                       ({**good, "train_parts": "heads"}, "train_parts"), ({**good, "arch": "foo"}, "arch")):  # fmt: skip
         with pytest.raises(RetrainError, match=field):
             RetrainRequest.from_json(bad)
 
@@ -374,10 +374,11 @@ def test_waiting_on_a_run_that_stays_queued_says_why_and_stops_on_ctrl_c(env, da
 
     monkeypatch.setattr(time, "sleep", sleep)
     with pytest.raises(typer.Exit) as exc:
-        cli._follow_run(sessions, "task-queued", poll=0.0, queued_hint_s=0.0)
+        cli._follow_run(sessions, "task-queued", poll=0.0, queued_hint_s=0.0, queue="gpu-train")
     assert exc.value.exit_code == 130
     err = capsys.readouterr().err
-    assert err.count("still queued") == 1 and "is a worker consuming the train queue" in err
+    assert err.count("still queued") == 1
+    assert "consuming the 'gpu-train' queue (captcha-queue worker --queues gpu-train)" in err
     assert "stopped waiting; run task-que goes on" in err
     with sessions() as session:
         assert session.scalar(sa.select(TrainingRun.status).where(TrainingRun.task_id == "task-queued")) == "queued"
