@@ -43,7 +43,7 @@ def train(
     epoch_size: Optional[int] = typer.Option(None, min=1, help="Training images per epoch (default: all of them)"),
     batch_size: int = typer.Option(16, min=1),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, warmup then cosine)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N (default: CAPTCHA_DEVICE, auto)"),
     workers: int = typer.Option(1, min=0, help="DataLoader worker processes"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, help="Continue the run whose training state is beside --out"),
@@ -82,7 +82,8 @@ def train(
         raise typer.Exit(2) from None
     cfg = TrainConfig(
         images=images, labels=labels, out=out, val_images=val_images, val_labels=val_labels, arch=arch,
-        model_config=network, epochs=epochs, epoch_size=epoch_size, batch_size=batch_size, lr=lr, device=device, num_workers=workers,
+        model_config=network, epochs=epochs, epoch_size=epoch_size, batch_size=batch_size, lr=lr,
+        device=device or _settings_device(), num_workers=workers,
         seed=seed, resume=resume, init_from=init_from, version=version, augment=augment, ema_decay=ema_decay,
         precision=precision, train_parts=train_parts,
     )  # fmt: skip
@@ -139,7 +140,7 @@ def eval_command(
     images: Path = typer.Option(..., help="Folder of images named <text>-<n>.png (names without a text: decoded only)"),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: CAPTCHA_CHECKPOINT or the shipped one)"),
     batch_size: int = typer.Option(32, min=1),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N (default: CAPTCHA_DEVICE, auto)"),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else"),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by name)"),
     confusions: int = typer.Option(10, min=0, help="How many top character confusions to show"),
@@ -158,7 +159,7 @@ def eval_command(
 
     err = Console(stderr=True)
     try:
-        detector = Detector.load(checkpoint, device=device, precision=precision)
+        detector = Detector.load(checkpoint, device=device or _settings_device(), precision=precision)
         with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
             task = progress.add_task("eval", total=None)
             report = evaluate(
@@ -357,6 +358,12 @@ def _sigterm_as_exit():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _settings_device() -> str:
+    from core.config import get_settings
+
+    return get_settings().device
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -704,7 +711,9 @@ def worker(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("out/demo"), help="Scratch folder, emptied on every run (refused if it holds files the demo did not write)."),
+    workdir: Path = typer.Option(
+        Path("out/demo"), help="Scratch folder, emptied on every run (refused if it holds files the demo did not write)."
+    ),
     count: int = typer.Option(200, min=1, help="Synthetic CAPTCHAs to decode."),
     seed: int = typer.Option(0, help="Seed of the synthetic images."),
     concurrency: int = typer.Option(1, min=1, help="Worker processes."),
