@@ -730,6 +730,9 @@ def demo(
     except (DemoError, RedisUnavailable, WorkerStartError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM made an exit above: all stopped by now
+        typer.echo("demo stopped: its worker, its queue and any Redis it started are gone", err=True)
+        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else exc.code) from None
     if report.done == 0:
         raise _fail(f"no image was decoded (see the errors above and {workdir / 'worker.log'})")
 

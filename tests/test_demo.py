@@ -72,6 +72,7 @@ def test_demo_stopped_by_sigterm_stops_its_worker_and_leaves_no_queue(demo_env, 
     interrupt_when(proc, lambda: log.exists() and "ready." in log.read_text(), signal.SIGTERM, timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Warm shutdown" in log.read_text()  # stopped by the demo, not left running
+    assert "demo stopped" in proc.stderr.read()
     assert_no_demo_queue_left(redis_url)
 
 
