@@ -759,7 +759,9 @@ def retrain(
     seed: int = typer.Option(0),
     arch: str = typer.Option("fast", help="Network for --scratch: fast | seed."),
     model_config: str = typer.Option("{}", help="JSON object of network settings for --scratch."),
-    device: str = typer.Option("auto", help="Device of the training worker: auto | cpu | cuda | cuda:N."),
+    device: Optional[str] = typer.Option(
+        None, help="auto | cpu | cuda | cuda:N (default: the training worker's --device / CAPTCHA_DEVICE)."
+    ),
     force: bool = typer.Option(False, "--force", help="Promote even if the champion is more accurate."),
     augment: bool = typer.Option(False, help="Randomly recolour, stretch, pad and cross out training images."),
     ema_decay: Optional[float] = typer.Option(None, help="Validate and publish a moving average of the weights."),

@@ -49,6 +49,9 @@ class RetrainError(ValueError):
     """A request that cannot run (bad field, unknown --from version, no training data)."""
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 @dataclass
 class RetrainRequest:
     """What ``captcha-queue retrain`` asks for; travels as the task's JSON kwargs."""
@@ -66,7 +69,7 @@ class RetrainRequest:
     arch: str = "fast"  # for --scratch
     model_config: dict[str, Any] = field(default_factory=dict)  # for --scratch
     val_batch_size: int = 32
-    device: str = "auto"
+    device: str | None = None  # None: the training worker's CAPTCHA_DEVICE
     force: bool = False  # promote whatever the validation accuracy
     augment: bool = False  # core.augment.Augment on training samples
     ema_decay: float | None = None  # validate and publish a moving average of the weights
@@ -95,6 +98,19 @@ class RetrainRequest:
             value = getattr(request, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RetrainError(f"'{name}' must be a positive integer")
+        if isinstance(request.seed, bool) or not isinstance(request.seed, int):
+            raise RetrainError("'seed' must be an integer")
+        if isinstance(request.lr, bool) or not isinstance(request.lr, (int, float)) or not 0 < request.lr < 1:
+            raise RetrainError("'lr' must be a number between 0 and 1")
+        for name in ("scratch", "force"):  # "no" would be true
+            if not isinstance(getattr(request, name), bool):
+                raise RetrainError(f"'{name}' must be true or false")
+        for name in ("val_images", "val_labels"):
+            folder = getattr(request, name)
+            if folder is not None and (not isinstance(folder, str) or not folder):
+                raise RetrainError(f"'{name}' must be a folder path")
+        if request.device is not None and (not isinstance(request.device, str) or not _DEVICE.fullmatch(request.device)):
+            raise RetrainError("'device' must be auto, cpu, cuda or cuda:N")
         if (request.val_images is None) != (request.val_labels is None):
             raise RetrainError("give both val_images and val_labels, or neither")
         if not isinstance(request.model_config, dict):
@@ -125,6 +141,11 @@ class RetrainOutcome:
     version: int | None = None
     promoted: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def training_device(request: RetrainRequest) -> str:
+    """The device a run trains and validates on: the request's, else the training worker's ``CAPTCHA_DEVICE``."""
+    return request.device or get_settings().device
 
 
 def worker_name() -> str:
@@ -199,13 +220,13 @@ def _baseline(session: Session, val_set: Any, request: RetrainRequest) -> dict[s
     number = {"champion": row.number if row is not None else None}
     try:
         if row is not None:
-            detector = load_version(VersionRef.of(row), device=request.device)
+            detector = load_version(VersionRef.of(row), device=training_device(request))
         else:
             path = configured_checkpoint()
             if path is None:
                 return {"version": None, **number, "val_sequence_accuracy": None,
                         "note": "no champion and no checkpoint"}
-            detector = Detector.load(path, device=request.device)
+            detector = Detector.load(path, device=training_device(request))
     except CheckpointError as exc:
         return {"version": row.version if row else None, **number, "val_sequence_accuracy": None, "error": str(exc)}
     scores = validate(detector.model, val_set, request.val_batch_size, detector.device, precision=detector.precision)
@@ -280,7 +301,7 @@ def run_retrain(
             val_images=Path(request.val_images) if request.val_images else None,
             val_labels=Path(request.val_labels) if request.val_labels else None,
             arch=request.arch, model_config=request.model_config, epochs=request.epochs,
-            batch_size=request.batch_size, lr=request.lr, seed=request.seed, device=request.device,
+            batch_size=request.batch_size, lr=request.lr, seed=request.seed, device=training_device(request),
             num_workers=0, init_from=init_from, val_batch_size=request.val_batch_size, augment=request.augment,
             ema_decay=request.ema_decay, precision=get_settings().precision, train_parts=request.train_parts,
             allowed_roots=[str(root) for root in get_settings().allowed_roots],

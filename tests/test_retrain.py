@@ -76,7 +76,10 @@ def test_request_validation_names_the_bad_field(data):
                        ({**good, "from_version": 2}, "from_version or scratch"), ({**good, "colour": 1}, "colour"),
                        ({**good, "val_labels": None}, "val_images and val_labels"),
                        ({**good, "ema_decay": 1.5}, "ema_decay"), ({**good, "augment": "yes"}, "augment"),
-                       ({**good, "train_parts": "heads"}, "train_parts"), ({**good, "arch": "foo"}, "arch")):  # fmt: skip
+                       ({**good, "train_parts": "heads"}, "train_parts"), ({**good, "arch": "foo"}, "arch"),
+                       ({**good, "lr": "abc"}, "lr"), ({**good, "seed": "x"}, "seed"), ({**good, "device": 5}, "device"),
+                       ({**good, "device": "tpu"}, "device"), ({**good, "force": "no"}, "force"),
+                       ({**good, "scratch": "no"}, "scratch"), ({**good, "val_images": 5, "val_labels": 6}, "val_images")):  # fmt: skip
         with pytest.raises(RetrainError, match=field):
             RetrainRequest.from_json(bad)
 
@@ -450,3 +453,19 @@ def test_retrain_interrupted_while_sending_fails_its_run(data, sqlite_url, silen
     with session_factory(sqlite_url)() as session:
         (run,) = session.scalars(sa.select(TrainingRun)).all()
         assert (run.status, run.error) == ("failed", "not sent: interrupted")
+
+
+def test_a_run_without_a_device_trains_on_the_training_workers(data, monkeypatch):
+    """``retrain`` without ``--device`` leaves the device to the worker that trains (its ``--device`` sets
+    ``CAPTCHA_DEVICE``), so ``worker --queues train --device cpu`` keeps training off a GPU."""
+    from core.config import get_settings
+    from core.retrain import training_device
+
+    monkeypatch.setenv("CAPTCHA_DEVICE", "cpu")
+    get_settings.cache_clear()
+    try:
+        assert training_device(request(data, device=None)) == "cpu"
+        assert training_device(request(data, device="cuda:1")) == "cuda:1"
+        assert RetrainRequest.from_json(request(data, device=None).as_json()).device is None
+    finally:
+        get_settings.cache_clear()
