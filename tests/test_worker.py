@@ -95,7 +95,8 @@ def reference_texts(detector, items: list[tuple[int, str]], batch_size: int) -> 
 def test_parse_images_accepts_pairs_and_rejects_anything_else():
     assert parse_images([[1, "/a.png"], [2, "/b.png"]]) == [(1, "/a.png"), (2, "/b.png")]
     assert parse_images([]) == []
-    for bad in ("/a.png", [[1]], [["1", "/a.png"]], [[True, "/a.png"]], [[1, b"/a.png"]], [[1, "/a", 3]], None):
+    for bad in ("/a.png", [[1]], [["1", "/a.png"]], [[True, "/a.png"]], [[1, b"/a.png"]], [[1, "/a", 3]], None,
+                [[0, "/a.png"]], [[-1, "/a.png"]], [[2**31, "/a.png"]], [[2**40, "/a.png"]]):  # ids no INTEGER id can be
         with pytest.raises(MessageError):
             parse_images(bad)
 

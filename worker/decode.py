@@ -55,6 +55,9 @@ class _Loaded:
     load_ms: float
 
 
+MAX_IMAGE_ID = 2**31 - 1  # the images.id column is an INTEGER (PostgreSQL's int4)
+
+
 def parse_images(raw: object) -> list[tuple[int, str]]:
     """Validate a message's ``images`` field (JSON: ``[[image_id, path], ...]``)."""
     if not isinstance(raw, list):
@@ -69,6 +72,8 @@ def parse_images(raw: object) -> list[tuple[int, str]]:
             or not isinstance(entry[1], str)
         ):
             raise MessageError(f"malformed entry {entry!r}: expected [image_id, path]")
+        if not 1 <= entry[0] <= MAX_IMAGE_ID:
+            raise MessageError(f"image id {entry[0]} out of range (1 to {MAX_IMAGE_ID})")
         parsed.append((entry[0], entry[1]))
     return parsed
 
