@@ -387,30 +387,53 @@ def test_worker_argv_picks_the_pool_and_refuses_several_processes_per_gpu():
 
 
 def test_a_worker_that_could_only_fail_refuses_to_start(tmp_path):
-    """A missing checkpoint file, or a CUDA device where there is none: an error at start, not a worker that says
-    "ready" and then fails every image it takes."""
+    """A missing checkpoint file with no champion to serve instead, or a CUDA device that is not there: an error at
+    start, not a worker that says "ready" and then fails every image it takes."""
     from worker.main import check_before_start
 
-    def never() -> bool:
-        raise AssertionError("a CPU worker need not ask for a GPU")
+    def never():
+        raise AssertionError("need not be asked")
 
-    with pytest.raises(WorkerConfigError, match="missing.safetensors: no such file"):
-        check_before_start("cpu", tmp_path / "missing.safetensors", never)
-    with pytest.raises(WorkerConfigError, match="sees no CUDA device"):
-        check_before_start("cuda:0", None, lambda: False)
-    check_before_start("cuda", None, lambda: True)
-    check_before_start("cpu", None, never)
+    def no() -> bool:
+        return False
+
+    with pytest.raises(WorkerConfigError, match="missing.safetensors: no such file, and the database has no champion"):
+        check_before_start("cpu", tmp_path / "missing.safetensors", never, no)
+    check_before_start("cpu", tmp_path / "missing.safetensors", never, lambda: True)  # the champion is served
+    with pytest.raises(WorkerConfigError, match="cuda:0: PyTorch sees 0 CUDA device"):
+        check_before_start("cuda:0", None, lambda: 0, never)
+    with pytest.raises(WorkerConfigError, match="cuda:3: PyTorch sees 2 CUDA device"):
+        check_before_start("cuda:3", None, lambda: 2, never)
+    check_before_start("cuda", None, lambda: 1, never)
+    check_before_start("cuda:1", None, lambda: 2, never)
+    check_before_start("cpu", None, never, never)
     (tmp_path / "model.safetensors").write_bytes(b"")
-    check_before_start("auto", tmp_path / "model.safetensors", never)
+    check_before_start("auto", tmp_path / "model.safetensors", never, never)
     out = subprocess.run([sys.executable, "-m", "core.cli", "worker", "--device", "gpu"], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "expected auto, cpu, cuda or cuda:N" in out.stderr
 
 
-def test_device_auto_on_a_gpu_machine_is_held_to_one_process():
-    from worker.main import cuda_in_child, resolve_worker_device
+def test_a_missing_checkpoint_is_refused_only_without_a_champion(sqlite_url):
+    from db.models import ModelVersion
+    from db.session import session_factory, upgrade
+    from worker.main import champion_in_database
 
-    gpu, no_gpu = (lambda: True), (lambda: False)
+    upgrade(sqlite_url)
+    assert not champion_in_database(sqlite_url)
+    with session_factory(sqlite_url)() as session, session.begin():
+        session.add(ModelVersion(number=1, arch="fast", path="/x.safetensors", sha256="ab", status="ready"))
+    assert not champion_in_database(sqlite_url)
+    with session_factory(sqlite_url)() as session, session.begin():
+        session.execute(sa.update(ModelVersion).values(status="champion"))
+    assert champion_in_database(sqlite_url)
+    assert champion_in_database("postgresql+psycopg://nobody@127.0.0.1:9/x")  # cannot tell: not refused for it
+
+
+def test_device_auto_on_a_gpu_machine_is_held_to_one_process():
+    from worker.main import cuda_devices_in_child, resolve_worker_device
+
+    gpu, no_gpu = (lambda: 1), (lambda: 0)
     assert resolve_worker_device("auto", 4, "auto", gpu) == "cuda"
     with pytest.raises(WorkerConfigError, match="one worker per GPU"):
         worker_argv(concurrency=4, device=resolve_worker_device("auto", 4, "auto", gpu))
@@ -418,16 +441,16 @@ def test_device_auto_on_a_gpu_machine_is_held_to_one_process():
     assert resolve_worker_device("auto", 4, "auto", no_gpu) == "auto"
     assert "--pool=prefork" in worker_argv(concurrency=4, device=resolve_worker_device("auto", 4, "auto", no_gpu))
 
-    def never() -> bool:
+    def never() -> int:
         raise AssertionError("a single solo process need not ask")
 
     assert resolve_worker_device("auto", 1, "auto", never) == "auto"
     assert resolve_worker_device("cpu", 4, "auto", never) == "cpu"
     import torch
 
-    assert cuda_in_child() == torch.cuda.is_available()
-    with pytest.raises(WorkerConfigError, match="could not tell whether there is a GPU.*--device cpu"):
-        cuda_in_child(python="/nonexistent/python")  # a child that cannot answer is not taken for "no GPU"
+    assert cuda_devices_in_child() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    with pytest.raises(WorkerConfigError, match="could not ask PyTorch how many GPUs.*--device cpu"):
+        cuda_devices_in_child(python="/nonexistent/python")  # a child that cannot answer is not taken for "no GPU"
 
 
 def test_torch_threads_split_the_cores_between_processes(monkeypatch):

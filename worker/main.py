@@ -10,6 +10,7 @@ default to cores / concurrency.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -68,41 +69,66 @@ def worker_argv(
     ]
 
 
-def cuda_in_child(python: str = sys.executable) -> bool:
-    """Whether PyTorch sees a CUDA device, asked in a child process so that this one never touches CUDA. Raises
+def cuda_devices_in_child(python: str = sys.executable) -> int:
+    """How many CUDA devices PyTorch sees, asked in a child process so that this one never touches CUDA. Raises
     ``WorkerConfigError`` when the child cannot tell (it failed or hung): guessing "no GPU" could start several
     processes on one."""
-    probe = "import torch; print(int(torch.cuda.is_available()))"
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
+        return int(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
         detail = exc.stderr.strip().splitlines()[-1] if getattr(exc, "stderr", None) else str(exc)
         raise WorkerConfigError(
-            f"could not tell whether there is a GPU for --device auto ({detail}); pass --device cpu or --device cuda"
+            f"could not ask PyTorch how many GPUs there are ({detail}); pass --device cpu, or check the installation"
         ) from None
-    return out.stdout.strip().endswith("1")
 
 
 def resolve_worker_device(
-    device: str, concurrency: int, pool: str, cuda_available: Callable[[], bool] = cuda_in_child
+    device: str, concurrency: int, pool: str, cuda_count: Callable[[], int] = cuda_devices_in_child
 ) -> str:
     """``device``, except that ``auto`` becomes ``cuda`` where it would pick the GPU and the pool could run several
     processes or threads (``worker_argv`` then refuses them, as for an explicit ``--device cuda``). A single solo
     process keeps ``auto``, resolved when its detector loads, without asking."""
     if device != "auto" or (concurrency == 1 and pool in ("auto", "solo")):
         return device
-    return "cuda" if cuda_available() else device
+    return "cuda" if cuda_count() > 0 else device
+
+
+def champion_in_database(url: str | None = None) -> bool:
+    """Whether the database names a champion version (which a worker serves before ``CAPTCHA_CHECKPOINT``); True
+    when the database cannot be asked, so that a worker is not refused for what it might still load."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.models import ModelVersion
+    from db.session import session_factory
+
+    try:
+        with session_factory(url)() as session:
+            return session.scalar(select(ModelVersion.id).where(ModelVersion.status == "champion").limit(1)) is not None
+    except SQLAlchemyError:
+        return True
 
 
 def check_before_start(
-    device: str, checkpoint: str | os.PathLike | None, cuda_available: Callable[[], bool] = cuda_in_child
+    device: str,
+    checkpoint: str | os.PathLike | None,
+    cuda_count: Callable[[], int] = cuda_devices_in_child,
+    champion: Callable[[], bool] = champion_in_database,
 ) -> None:
     """Refuse to start (``WorkerConfigError``) a worker that could only fail every image it takes: a configured
-    checkpoint file that does not exist, or a CUDA device where PyTorch sees none (asked in a child process)."""
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise WorkerConfigError(f"CAPTCHA_CHECKPOINT {checkpoint}: no such file")
-    if device.startswith("cuda") and not cuda_available():
-        raise WorkerConfigError(f"--device {device}: PyTorch sees no CUDA device here (use --device cpu or auto)")
+    checkpoint file that does not exist while the database has no champion to serve instead, or a CUDA device that
+    PyTorch does not see (asked in a child process)."""
+    if checkpoint is not None and not os.path.isfile(checkpoint) and not champion():
+        raise WorkerConfigError(
+            f"CAPTCHA_CHECKPOINT {checkpoint}: no such file, and the database has no champion version to serve instead"
+        )
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        count = cuda_count()
+        if index >= count:
+            raise WorkerConfigError(f"--device {device}: PyTorch sees {count} CUDA device(s) here (use --device cpu)")
 
 
 def start_worker(
@@ -116,9 +142,10 @@ def start_worker(
 ) -> None:
     """Run a worker in this process until it is stopped (SIGTERM: warm shutdown, running messages finish)."""
     settings = get_settings()
-    device = resolve_worker_device(device or settings.device, concurrency, pool)
+    cuda_count = functools.cache(cuda_devices_in_child)  # one child process asks, at most
+    device = resolve_worker_device(device or settings.device, concurrency, pool, cuda_count)
     argv = worker_argv(queues, concurrency, device, pool, loglevel, hostname)
-    check_before_start(device, settings.checkpoint)
+    check_before_start(device, settings.checkpoint, cuda_count, lambda: champion_in_database(settings.database_url))
     # pool processes read their settings from the environment they inherit
     os.environ["CAPTCHA_DEVICE"] = device
     os.environ["CAPTCHA_BATCH_SIZE"] = str(batch_size or settings.batch_size)
