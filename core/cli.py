@@ -377,7 +377,7 @@ def _open_database(database_url: Optional[str]):
     from sqlalchemy.engine import make_url
 
     from core.config import mask_url
-    from db.session import database_url as resolve_url, make_engine, session_factory
+    from db.session import database_url as resolve_url, make_engine, schema_revisions, session_factory
 
     url = resolve_url(database_url)
     try:
@@ -389,8 +389,12 @@ def _open_database(database_url: Optional[str]):
     try:
         if not sa.inspect(make_engine(url)).has_table("images"):
             raise _fail(f"{mask_url(url)} has no captcha-queue schema; run `captcha-queue db upgrade`")
+        current, head = schema_revisions(url)
     except sa.exc.OperationalError as exc:
         raise _fail(f"cannot open {mask_url(url)}: {exc.orig}") from None
+    if current != head:
+        raise _fail(f"{mask_url(url)} has schema revision {current}, this version uses {head}; "
+                    "run `captcha-queue db upgrade`")  # fmt: skip
     return session_factory(url)(), url
 
 
@@ -1049,8 +1053,6 @@ def _user_error(exc: Exception) -> str | None:
     import pydantic
     import sqlalchemy as sa
 
-    from core.config import mask_url
-
     if isinstance(exc, pydantic.ValidationError):
         problems = [f"CAPTCHA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
         return "invalid setting " + "; ".join(problems)
@@ -1058,10 +1060,10 @@ def _user_error(exc: Exception) -> str | None:
         return f"unsupported database URL ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
     if isinstance(exc, sa.exc.ArgumentError):
         return f"not a database URL: {exc}"
-    if isinstance(exc, sa.exc.OperationalError):
-        url = getattr(exc, "connection_url", None)
-        where = f" {mask_url(str(url))}" if url else ""
-        return f"cannot use the database{where}: {str(exc.orig or exc).strip().splitlines()[0]}"
+    if isinstance(exc, sa.exc.OperationalError):  # only a database that cannot be reached or opened; others are bugs
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        if reason.startswith(_UNREACHABLE):
+            return f"cannot use the database: {reason}"
     if isinstance(exc, ModuleNotFoundError) and exc.name in _DB_DRIVERS:
         return f"no driver for this database URL ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -1069,6 +1071,8 @@ def _user_error(exc: Exception) -> str | None:
     return None
 
 
+# how PostgreSQL (psycopg) and SQLite say that the database itself is out of reach
+_UNREACHABLE = ("connection failed", "connection to server", "could not connect", "unable to open database file")
 _DB_DRIVERS = {"MySQLdb", "pymysql", "mysql", "psycopg2", "asyncpg", "pg8000", "pyodbc", "cx_Oracle", "oracledb"}
 
 

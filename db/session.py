@@ -111,3 +111,14 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     with make_engine(url).begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def schema_revisions(url: str | None = None) -> tuple[str | None, str]:
+    """(the database's Alembic revision, None before any migration; the revision this code's migrations end at)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with make_engine(url).connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    return current, head

@@ -40,3 +40,34 @@ def test_setup_mistakes_are_one_line(tmp_path, args, env, expected):
 def test_debug_shows_the_traceback(tmp_path):
     out = run("status", cwd=tmp_path, CAPTCHA_PRECISION="fp16", CAPTCHA_DEBUG="1")
     assert out.returncode == 1 and "Traceback" in out.stderr and "ValidationError" in out.stderr
+
+
+def test_a_database_behind_the_code_is_told_to_upgrade(tmp_path):
+    from db.session import dispose_engines, upgrade
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0002")
+    dispose_engines()
+    for command in (["status"], ["models"], ["results"]):
+        out = run(*command, cwd=tmp_path, CAPTCHA_DATABASE_URL=url)
+        assert out.returncode == 1 and "has schema revision 0002" in out.stderr, (command, out.stderr)
+        assert "run `captcha-queue db upgrade`" in out.stderr
+
+
+def test_only_setup_errors_lose_their_traceback():
+    """A database that cannot be reached is the user's to fix; an SQL error or any other exception is a bug, and
+    keeps its traceback (``_user_error`` gives None)."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from core.cli import _user_error
+
+    def operational(message: str) -> sa.exc.OperationalError:
+        return sa.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError(message))
+
+    unreachable = _user_error(operational("unable to open database file"))
+    assert unreachable == "cannot use the database: unable to open database file"
+    assert _user_error(operational("no such column: job_idd")) is None
+    assert _user_error(RuntimeError("boom")) is None and _user_error(KeyError("x")) is None
+    assert "No such file" in _user_error(FileNotFoundError(2, "No such file or directory", "/data/x"))
