@@ -1,8 +1,8 @@
 """Reading images safely: any PNG/JPEG/BMP/WebP in any mode becomes an RGB image; failures get readable reasons.
 
 Transparent pixels are composited on white (``Image.convert('RGB')`` alone would keep whatever colour they store,
-often black): alpha channels, palettes with alpha, and the single transparent value of a 1-bit, grayscale or RGB
-PNG (``tRNS``). Truncated files are errors, never silently padded. Size limits guard against decompression bombs. Only
+often black): alpha channels, palettes with alpha, and the single transparent value of a 1-bit, 8- or 16-bit
+grayscale or 8-bit RGB PNG (``tRNS``). Truncated files are errors, never silently padded. Size limits guard against decompression bombs. Only
 regular files are opened: a FIFO or a device at an image's path would block the reader forever.
 """
 
@@ -31,8 +31,8 @@ _KEYED_MODES = ("1", "L", "I;16", "I;16B", "I;16L", "I", "RGB")  # modes whose t
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency on white: an alpha channel (RGBA, LA, PA), a palette
-    with alpha or a transparent index (P), or the transparent value of a 1-bit, grayscale (8 or 16 bit) or RGB PNG
-    (``tRNS``)."""
+    with alpha or a transparent index (P), or the transparent value (``tRNS``) of a 1-bit, 8- or 16-bit grayscale
+    or 8-bit RGB PNG (Pillow rescales 2- and 4-bit grayscale without its key, so those keep their grey)."""
     import numpy as np
 
     key = img.info.get("transparency") if img.mode in _KEYED_MODES else None

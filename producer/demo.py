@@ -41,7 +41,8 @@ class DemoReport:
 
 
 # what a run writes in its folder: the next run may delete a folder that holds nothing else
-DEMO_FILES = frozenset({"captchas", "demo.db", "demo.db-wal", "demo.db-shm", "demo.db-journal", "worker.log"})
+DEMO_FILES = frozenset({"captchas", "demo.db", "demo.db-wal", "demo.db-shm", "demo.db-journal", "worker.log",
+                        ".DS_Store"})  # and what a file browser leaves behind
 
 
 def prepare_workdir(workdir: Path) -> Path:
