@@ -389,10 +389,10 @@ def _open_database(database_url: Optional[str]):
     try:
         if not sa.inspect(make_engine(url)).has_table("images"):
             raise _fail(f"{mask_url(url)} has no captcha-queue schema; run `captcha-queue db upgrade`")
-        current, head = schema_revisions(url)
+        current, head, known = schema_revisions(url)
     except sa.exc.OperationalError as exc:
         raise _fail(f"cannot open {mask_url(url)}: {exc.orig}") from None
-    if current != head:
+    if current != head and (current is None or current in known):  # older: newer revisions are not ours to judge
         raise _fail(f"{mask_url(url)} has schema revision {current}, this version uses {head}; "
                     "run `captcha-queue db upgrade`")  # fmt: skip
     return session_factory(url)(), url
@@ -1060,7 +1060,7 @@ def _user_error(exc: Exception) -> str | None:
         return f"unsupported database URL ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
     if isinstance(exc, sa.exc.ArgumentError):
         return f"not a database URL: {exc}"
-    if isinstance(exc, sa.exc.OperationalError):  # only a database that cannot be reached or opened; others are bugs
+    if isinstance(exc, sa.exc.OperationalError):  # a database out of reach or read-only; other errors are bugs
         reason = str(exc.orig or exc).strip().splitlines()[0]
         if reason.startswith(_UNREACHABLE):
             return f"cannot use the database: {reason}"
@@ -1071,8 +1071,9 @@ def _user_error(exc: Exception) -> str | None:
     return None
 
 
-# how PostgreSQL (psycopg) and SQLite say that the database itself is out of reach
-_UNREACHABLE = ("connection failed", "connection to server", "could not connect", "unable to open database file")
+# how PostgreSQL (psycopg) and SQLite say that the database itself is out of reach or cannot take writes
+_UNREACHABLE = ("connection failed", "connection to server", "could not connect", "unable to open database file",
+                "attempt to write a readonly database", "database is locked")
 _DB_DRIVERS = {"MySQLdb", "pymysql", "mysql", "psycopg2", "asyncpg", "pg8000", "pyodbc", "cx_Oracle", "oracledb"}
 
 

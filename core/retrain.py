@@ -130,7 +130,12 @@ class RetrainRequest:
         return request
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The request as JSON; without ``device`` when it is None (left to the worker), which workers that predate
+        that default would pass on to PyTorch."""
+        data = asdict(self)
+        if data["device"] is None:
+            del data["device"]
+        return data
 
 
 @dataclass

@@ -113,12 +113,13 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
-def schema_revisions(url: str | None = None) -> tuple[str | None, str]:
-    """(the database's Alembic revision, None before any migration; the revision this code's migrations end at)."""
+def schema_revisions(url: str | None = None) -> tuple[str | None, str, set[str]]:
+    """(the database's Alembic revision, None before any migration; the revision this code's migrations end at;
+    every revision this code knows: a database at another one was migrated by a newer version)."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    script = ScriptDirectory.from_config(alembic_config())
     with make_engine(url).connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
-    return current, head
+    return current, script.get_current_head(), {rev.revision for rev in script.walk_revisions()}

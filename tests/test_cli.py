@@ -43,7 +43,10 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_a_database_behind_the_code_is_told_to_upgrade(tmp_path):
-    from db.session import dispose_engines, upgrade
+    """An older schema: upgrade first. A newer one (a later version migrated it) is used as it is."""
+    import sqlalchemy as sa
+
+    from db.session import dispose_engines, make_engine, upgrade
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     upgrade(url, "0002")
@@ -52,6 +55,12 @@ def test_a_database_behind_the_code_is_told_to_upgrade(tmp_path):
         out = run(*command, cwd=tmp_path, CAPTCHA_DATABASE_URL=url)
         assert out.returncode == 1 and "has schema revision 0002" in out.stderr, (command, out.stderr)
         assert "run `captcha-queue db upgrade`" in out.stderr
+    upgrade(url)
+    with make_engine(url).begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099_later'"))
+    dispose_engines()
+    out = run("status", cwd=tmp_path, CAPTCHA_DATABASE_URL=url)
+    assert out.returncode == 0 and "total 0" in " ".join(out.stdout.split()), out.stderr
 
 
 def test_only_setup_errors_lose_their_traceback():
@@ -68,6 +77,7 @@ def test_only_setup_errors_lose_their_traceback():
 
     unreachable = _user_error(operational("unable to open database file"))
     assert unreachable == "cannot use the database: unable to open database file"
+    assert _user_error(operational("attempt to write a readonly database")).endswith("readonly database")
     assert _user_error(operational("no such column: job_idd")) is None
     assert _user_error(RuntimeError("boom")) is None and _user_error(KeyError("x")) is None
     assert "No such file" in _user_error(FileNotFoundError(2, "No such file or directory", "/data/x"))

@@ -466,6 +466,7 @@ def test_a_run_without_a_device_trains_on_the_training_workers(data, monkeypatch
     try:
         assert training_device(request(data, device=None)) == "cpu"
         assert training_device(request(data, device="cuda:1")) == "cuda:1"
+        assert "device" not in request(data, device=None).as_json()  # older workers would hand None to PyTorch
         assert RetrainRequest.from_json(request(data, device=None).as_json()).device is None
     finally:
         get_settings.cache_clear()

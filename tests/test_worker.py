@@ -397,7 +397,7 @@ def test_a_worker_that_could_only_fail_refuses_to_start(tmp_path):
     def no() -> bool:
         return False
 
-    with pytest.raises(WorkerConfigError, match="missing.safetensors: no such file, and the database has no champion"):
+    with pytest.raises(WorkerConfigError, match="missing.safetensors: no such file, and the database names no champion"):
         check_before_start("cpu", tmp_path / "missing.safetensors", never, no)
     check_before_start("cpu", tmp_path / "missing.safetensors", never, lambda: True)  # the champion is served
     with pytest.raises(WorkerConfigError, match="cuda:0: PyTorch sees 0 CUDA device"):
@@ -427,7 +427,9 @@ def test_a_missing_checkpoint_is_refused_only_without_a_champion(sqlite_url):
     with session_factory(sqlite_url)() as session, session.begin():
         session.execute(sa.update(ModelVersion).values(status="champion"))
     assert champion_in_database(sqlite_url)
-    assert champion_in_database("postgresql+psycopg://nobody@127.0.0.1:9/x")  # cannot tell: not refused for it
+    assert not champion_in_database("postgresql+psycopg://nobody@127.0.0.1:9/x")  # cannot tell: no champion
+    typo = sqlite_url.replace("captcha-queue.db", "typo/cq.db")
+    assert not champion_in_database(typo) and not Path(typo.removeprefix("sqlite:///")).parent.exists()  # nothing made
 
 
 def test_device_auto_on_a_gpu_machine_is_held_to_one_process():

@@ -96,19 +96,24 @@ def resolve_worker_device(
 
 
 def champion_in_database(url: str | None = None) -> bool:
-    """Whether the database names a champion version (which a worker serves before ``CAPTCHA_CHECKPOINT``); True
-    when the database cannot be asked, so that a worker is not refused for what it might still load."""
+    """Whether the database names a champion version (which a worker serves before ``CAPTCHA_CHECKPOINT``). False
+    when it cannot tell: no such SQLite file (none is created), no schema, or no answer."""
     from sqlalchemy import select
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
     from db.models import ModelVersion
-    from db.session import session_factory
+    from db.session import database_url, session_factory
 
+    url = database_url(url)
     try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and (not parsed.database or not os.path.isfile(parsed.database)):
+            return False
         with session_factory(url)() as session:
             return session.scalar(select(ModelVersion.id).where(ModelVersion.status == "champion").limit(1)) is not None
     except SQLAlchemyError:
-        return True
+        return False
 
 
 def check_before_start(
@@ -122,7 +127,8 @@ def check_before_start(
     PyTorch does not see (asked in a child process)."""
     if checkpoint is not None and not os.path.isfile(checkpoint) and not champion():
         raise WorkerConfigError(
-            f"CAPTCHA_CHECKPOINT {checkpoint}: no such file, and the database has no champion version to serve instead"
+            f"CAPTCHA_CHECKPOINT {checkpoint}: no such file, and the database names no champion version to serve "
+            "instead (or could not be asked)"
         )
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
