@@ -16,6 +16,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # the devices a setting or an option may name
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPTCHA_", env_file=".env", extra="ignore")
 
@@ -28,7 +31,7 @@ class Settings(BaseSettings):
         None, description="Checkpoint (.safetensors, with its .json beside it); default: the shipped one"
     )
     checkpoint_dir: Path = Field(Path("checkpoints"), description="Versioned checkpoint store for retraining")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision: bf16 autocast where the hardware has it natively (auto), or fixed"
     )

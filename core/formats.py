@@ -267,7 +267,8 @@ _DATASETS = {
     of YOLO files. Samples whose labels cannot be trusted (missing label file, box count != text length, text
     outside 0-9a-z, bad lines, unreadable header) are skipped, counted in ``.skipped`` (reason -> count) and
     reported in one logged warning. With ``roots`` (resolved folders, as ``core.paths.resolve_roots`` gives), an
-    image or label file whose real path (links followed) lies outside them is skipped too. ``.widths`` holds each item's width (from the header) for bucketing.""",
+    image or label file whose real path (links followed) lies outside them is skipped too. ``.widths`` holds each
+    item's width (from the header) for bucketing.""",
     ),
     "ImageFolder": (
         _ImageFolder,

@@ -2,8 +2,9 @@
 
 Transparent pixels are composited on white (``Image.convert('RGB')`` alone would keep whatever colour they store,
 often black): alpha channels, palettes with alpha, and the single transparent value of a 1-bit, 8- or 16-bit
-grayscale or 8-bit RGB PNG (``tRNS``). Truncated files are errors, never silently padded. Size limits guard against decompression bombs. Only
-regular files are opened: a FIFO or a device at an image's path would block the reader forever.
+grayscale or 8-bit RGB PNG (``tRNS``). Truncated files are errors, never silently padded. Size limits guard against
+decompression bombs. Only regular files are opened: a FIFO or a device at an image's path would block the reader
+forever.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import CheckpointError, default_checkpoint_path
-from core.config import get_settings
+from core.config import DEVICE_PATTERN, get_settings
 from core.paths import is_allowed, resolve_roots
 from core.registry import VersionRef, champion, get_version, load_version, promote, publish, verify
 from db.models import TrainingRun, utcnow
@@ -49,7 +49,7 @@ class RetrainError(ValueError):
     """A request that cannot run (bad field, unknown --from version, no training data)."""
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_DEVICE = re.compile(DEVICE_PATTERN)
 
 
 @dataclass

@@ -41,6 +41,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+MAX_ID = 2**31 - 1  # the largest id an INTEGER column holds (PostgreSQL's int4): ids beyond it name no row
 IMAGE_STATUSES = ("pending", "done", "failed")
 MODEL_STATUSES = ("ready", "champion", "retired")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed")

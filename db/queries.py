@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import and_, false, func, select
 from sqlalchemy.orm import Session
 
-from db.models import Character, Image, Job, Result
+from db.models import MAX_ID, Character, Image, Job, Result
 from db.repository import job_counts
 
 PAGE = 1_000  # images fetched per round trip while streaming results
@@ -48,9 +48,6 @@ def text_condition(pattern: str) -> Any:
 def _shown_result() -> Any:
     """Join condition: the result of a done image's latest model version."""
     return and_(Result.image_id == Image.id, Result.model_version == Image.model_version, Image.status == "done")
-
-
-MAX_ID = 2**31 - 1  # the largest value of an INTEGER id column (PostgreSQL's int4)
 
 
 def _as_id(job: int | str) -> int | None:

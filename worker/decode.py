@@ -25,7 +25,7 @@ from sqlalchemy.orm import sessionmaker
 
 from core.images import ImageError, load_image
 from core.paths import is_allowed, is_regular_file, safe_text, text_to_path
-from db.models import Result
+from db.models import MAX_ID, Result
 from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes, stored_paths
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,6 @@ class _Loaded:
     load_ms: float
 
 
-MAX_IMAGE_ID = 2**31 - 1  # the images.id column is an INTEGER (PostgreSQL's int4)
-
-
 def parse_images(raw: object) -> list[tuple[int, str]]:
     """Validate a message's ``images`` field (JSON: ``[[image_id, path], ...]``)."""
     if not isinstance(raw, list):
@@ -72,8 +69,8 @@ def parse_images(raw: object) -> list[tuple[int, str]]:
             or not isinstance(entry[1], str)
         ):
             raise MessageError(f"malformed entry {entry!r}: expected [image_id, path]")
-        if not 1 <= entry[0] <= MAX_IMAGE_ID:
-            raise MessageError(f"image id {entry[0]} out of range (1 to {MAX_IMAGE_ID})")
+        if not 1 <= entry[0] <= MAX_ID:
+            raise MessageError(f"image id {entry[0]} out of range (1 to {MAX_ID})")
         parsed.append((entry[0], entry[1]))
     return parsed
 

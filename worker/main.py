@@ -19,11 +19,11 @@ import sys
 from collections.abc import Callable
 
 from core.celery_app import DECODE_QUEUE, app
-from core.config import get_settings
+from core.config import DEVICE_PATTERN, get_settings
 from worker.runtime import torch_threads
 
 POOLS = ("auto", "solo", "prefork", "threads")
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE = re.compile(DEVICE_PATTERN)
 
 
 class WorkerConfigError(ValueError):
