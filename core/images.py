@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -71,6 +72,31 @@ def _opaque_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_aspect(path: str | os.PathLike) -> float:
+    """Width / height of the image at ``path`` from its header, without decoding pixels (a PNG's size is in its first
+    24 bytes; other formats are opened with Pillow, which reads only the header); 0.0 when it cannot be read, which
+    ``load_image`` then explains. Only regular files are read (a FIFO would block)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return 0.0
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except (OSError, ValueError):  # missing, unreadable, or a NUL byte in the path
+        return 0.0
+    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+    else:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except Exception:  # not an image, a decompression bomb, ...: decoded (and failed) by load_image
+            return 0.0
+    return width / height if height else 0.0
 
 
 def load_image(

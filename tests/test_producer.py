@@ -91,7 +91,7 @@ def test_scan_refuses_a_missing_root(tmp_path):
 def test_read_aspect_from_headers(tmp_path):
     from PIL import Image
 
-    from producer.aspect import read_aspect
+    from core.images import read_aspect
 
     Image.new("RGB", (300, 80), "white").save(tmp_path / "a-0.png")
     Image.new("RGB", (120, 80), "white").save(tmp_path / "b-0.jpg")
@@ -100,6 +100,9 @@ def test_read_aspect_from_headers(tmp_path):
     assert read_aspect(str(tmp_path / "b-0.jpg")) == 120 / 80
     assert read_aspect(str(tmp_path / "c-0.png")) == 0.0
     assert read_aspect(str(tmp_path / "missing.png")) == 0.0
+    os.mkfifo(tmp_path / "fifo-0.png")
+    assert read_aspect(tmp_path / "fifo-0.png") == 0.0  # never opened: the read would block
+    assert read_aspect(str(tmp_path / "nul\x00-0.png")) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from PIL import Image
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from core.images import ImageError, load_image
-from core.paths import is_allowed, is_regular_file, safe_text, text_to_path
+from core.images import ImageError, load_image, read_aspect
+from core.paths import is_allowed, safe_text, text_to_path
 from db.models import MAX_ID, Result
 from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes, stored_paths
 
@@ -84,18 +84,12 @@ def _resolve(path: str) -> str | None:
 
 
 def probe_aspect(path: str, allowed_roots: Sequence[Path] = ()) -> float:
-    """Width / height from the file header (no pixel decoding); 0.0 when it cannot be read (it fails later).
-
-    ``path`` is in the queue's text form (``core.paths.path_to_text``)."""
+    """Width / height from the file header (``core.images.read_aspect``); 0.0 when it cannot be read or lies outside
+    the allowed roots (``load_batch`` then gives the reason). ``path`` is in the queue's text form."""
     fs_path = _resolve(path)
-    if fs_path is None or not is_allowed(fs_path, allowed_roots) or not is_regular_file(fs_path):
-        return 0.0  # load_batch gives the reason
-    try:
-        with Image.open(fs_path) as img:
-            width, height = img.size
-    except Exception:  # any unreadable file: load_image gives the reason when the batch is loaded
+    if fs_path is None or not is_allowed(fs_path, allowed_roots):
         return 0.0
-    return width / height if height else 0.0
+    return read_aspect(fs_path)
 
 
 def plan_batches(
