@@ -7,6 +7,7 @@ SQLite in the working directory, Redis on localhost, the checkpoint shipped in t
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,6 +18,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # the devices a setting or an option may name
+
+
+def is_device_name(name: object) -> bool:
+    """Whether ``name`` is a device a setting or an option may name (``DEVICE_PATTERN``, the whole string)."""
+    return isinstance(name, str) and re.fullmatch(DEVICE_PATTERN, name) is not None
 
 
 class Settings(BaseSettings):

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import CheckpointError, default_checkpoint_path
-from core.config import DEVICE_PATTERN, get_settings
+from core.config import get_settings, is_device_name
 from core.paths import is_allowed, resolve_roots
 from core.registry import VersionRef, champion, get_version, load_version, promote, publish, verify
 from db.models import TrainingRun, utcnow
@@ -47,9 +47,6 @@ PUBLISH_ATTEMPTS = 3
 
 class RetrainError(ValueError):
     """A request that cannot run (bad field, unknown --from version, no training data)."""
-
-
-_DEVICE = re.compile(DEVICE_PATTERN)
 
 
 @dataclass
@@ -109,7 +106,7 @@ class RetrainRequest:
             folder = getattr(request, name)
             if folder is not None and (not isinstance(folder, str) or not folder):
                 raise RetrainError(f"'{name}' must be a folder path")
-        if request.device is not None and (not isinstance(request.device, str) or not _DEVICE.fullmatch(request.device)):
+        if request.device is not None and not is_device_name(request.device):
             raise RetrainError("'device' must be auto, cpu, cuda or cuda:N")
         if (request.val_images is None) != (request.val_labels is None):
             raise RetrainError("give both val_images and val_labels, or neither")

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
 
 from core.celery_app import DECODE_QUEUE, app
-from core.config import DEVICE_PATTERN, get_settings
+from core.config import get_settings, is_device_name
 from worker.runtime import torch_threads
 
 POOLS = ("auto", "solo", "prefork", "threads")
-DEVICE = re.compile(DEVICE_PATTERN)
 
 
 class WorkerConfigError(ValueError):
@@ -41,7 +39,7 @@ def worker_argv(
     """The ``celery worker`` arguments for these options; raises ``WorkerConfigError`` for impossible ones."""
     if concurrency < 1:
         raise WorkerConfigError("--concurrency must be at least 1")
-    if not DEVICE.fullmatch(device):
+    if not is_device_name(device):
         raise WorkerConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if pool not in POOLS:
         raise WorkerConfigError(f"--pool must be one of {', '.join(POOLS)}")
