@@ -3,7 +3,7 @@
     python bench/bench_detector.py [--images 256] [--batch-size 32] [--checkpoint CKPT] [--threads N]
 
 Baselines: one image per forward pass, and batches taken in input order (mixed widths padded to the widest). The
-detector groups images by width before batching, so it should beat both; the script prints images/s and ratios.
+detector groups images by aspect ratio before batching, so it should beat both; the script prints images/s and ratios.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from PIL import Image
 
 from core.charset import encode
 from core.formats import list_images, shared_stems, text_from_filename, write_yolo_labels
-from core.images import ImageError, load_image
+from core.images import FORMATS, ImageError, load_image
 from core.segment import Box, colour_boxes
 
 if TYPE_CHECKING:
@@ -164,6 +164,8 @@ def autolabel(
     """
     import time
 
+    if not colour and checkpoint is None:
+        raise ValueError("nothing to label with: without the colour labeller a checkpoint is needed")
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,7 @@ def autolabel(
             progress("detector", done, len(todo))
 
     for label in report.labels:
-        with Image.open(label.path) as img:
+        with Image.open(label.path, formats=FORMATS) as img:
             width, height = img.size
         write_yolo_labels(out / f"{Path(label.path).stem}.txt", label.boxes, width, height, encode(label.text))
     for path in pending:

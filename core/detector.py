@@ -1,7 +1,8 @@
 """The inference API: a loaded checkpoint that turns images into strings with per-character boxes.
 
 ``Detector.load()`` reads a checkpoint (default: ``Settings.checkpoint`` or the shipped one) and ``predict()`` runs
-it on PIL images or paths in width-grouped batches (images of similar width share a batch, so padding stays small),
+it on PIL images or paths in batches grouped by aspect ratio (the network rescales every image to one height, so
+images of a similar aspect ratio share a batch and padding stays small),
 returning one ``Prediction`` per input, in input order. Paths are read ``Detector.window`` at a time, so a long list
 of paths never sits in memory as decoded images all at once.
 """
@@ -75,6 +76,12 @@ def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def aspect(image: torch.Tensor) -> tuple[float, int]:
+    """Sort key of a Tensor[3, H, W] image for batching: width over height first (the network rescales every image
+    to one height, so images of one aspect ratio are padded least together), then width."""
+    return image.shape[-1] / max(1, image.shape[-2]), image.shape[-1]
+
+
 def detect(
     model: torch.nn.Module,
     images: Sequence[torch.Tensor],
@@ -82,7 +89,8 @@ def detect(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
 ) -> list[dict[str, torch.Tensor]]:
-    """Run an eval-mode detector on Tensor[3, H_i, W_i] images grouped by width; detections (on CPU) in input order.
+    """Run an eval-mode detector on Tensor[3, H_i, W_i] images grouped by aspect ratio; detections (on CPU) in input
+    order.
 
     ``precision``: ``"fp32"``, ``"bf16"`` (autocast of the heavy layers, see ``core.precision``) or ``"auto"``.
     Each detection is ``{"boxes": Tensor[K, 4] x1y1x2y2 px, "labels": Tensor[K] int64, "scores": Tensor[K]}``
@@ -90,7 +98,7 @@ def detect(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    order = sorted(range(len(images)), key=lambda i: (images[i].shape[-1], images[i].shape[-2]))
+    order = sorted(range(len(images)), key=lambda i: aspect(images[i]))
     out: list[dict[str, torch.Tensor] | None] = [None] * len(images)
     precision = resolve_precision(precision, device)
     with torch.inference_mode(), autocast(precision, device):
@@ -137,7 +145,7 @@ class Detector:
     """A checkpoint loaded for inference. Build with ``Detector.load``.
 
     ``window``: how many of the images given to ``predict`` or ``read_boxes`` are decoded and held at once; batches
-    are grouped by width within each window.
+    are grouped by aspect ratio within each window.
     """
 
     window: int = 1024
@@ -227,8 +235,8 @@ class Detector:
     def _read_probs(self, tensors: Sequence[torch.Tensor], boxes: Sequence[Sequence[Sequence[float]]],
                     batch_size: int) -> list[torch.Tensor]:
         """Class probabilities ``[N_i, num_classes]`` (float32, CPU) of the network reading ``boxes[i]`` (pixels) of
-        ``tensors[i]``, in width-grouped batches; input order."""
-        order = sorted(range(len(tensors)), key=lambda i: (tensors[i].shape[-1], tensors[i].shape[-2]))
+        ``tensors[i]``, in batches grouped by aspect ratio; input order."""
+        order = sorted(range(len(tensors)), key=lambda i: aspect(tensors[i]))
         out: list[torch.Tensor | None] = [None] * len(tensors)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from core.charset import encode
-from core.images import SUPPORTED_SUFFIXES, load_image
+from core.images import FORMATS, SUPPORTED_SUFFIXES, load_image
 from core.paths import is_allowed
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def write_yolo_labels(
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding pixels; raises LabelError('unreadable image')."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=FORMATS) as img:
             return img.size
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise LabelError("unreadable image", f"{path}: {exc}") from None

@@ -102,3 +102,13 @@ def test_autolabel_command_reports_json_and_draws_samples(folder: Path) -> None:
 
     result = CliRunner().invoke(app, ["autolabel", str(folder / "missing"), "--out", str(folder / "labels")])
     assert result.exit_code == 1 and "not a folder" in result.output
+
+
+def test_autolabel_with_no_labeller_refuses_and_keeps_the_labels(folder: Path) -> None:
+    """``--no-colour`` without ``--checkpoint`` labels nothing, so it must not delete the labels already there."""
+    before = sorted(p.name for p in (folder / "labels").iterdir())
+    assert before
+    result = CliRunner().invoke(app, ["autolabel", str(folder / "images"), "--out", str(folder / "labels"),
+                                      "--no-colour"])  # fmt: skip
+    assert result.exit_code != 0 and "a checkpoint is needed" in result.output
+    assert sorted(p.name for p in (folder / "labels").iterdir()) == before

@@ -64,6 +64,8 @@ def build_folder(root: Path, outside: Path, captchas: list[Path]) -> dict[str, t
     add("text", "not a recognised image").write_text("hello, I am not a picture\n")
     png_header_only(add("bomb", "decompression bomb"), 30_000, 30_000)  # 900 M pixels > 2 x Pillow's limit
     Image.new("RGB", (20_000, 80), "white").save(add("wide", "too wide"))
+    Image.new("RGB", (2048, 2), "white").save(add("sliver", "too elongated"))  # a 64 x 65,536 network input
+    Image.new("RGB", (60, 20), "white").save(add("tiff", "not a recognised image"), format="TIFF")  # named .png
     add("missing", "file not found")  # registered, then never written
     os.mkfifo(add("fifo", "not a regular file"))  # opening it would block the reader for ever
     files["nul"] = (root / "nul\x00byte-0.png", "NUL byte")  # a crafted message path
@@ -229,6 +231,40 @@ def test_the_transparent_value_of_any_keyed_png_is_white(tmp_path, mode, fill, k
     assert (out[:, :3] == 255).all(), out[:, :3, 0]
     assert (out[:, 3:] == np.asarray(load_image_opaque(img))[:, 3:]).all()
     assert (out[:, 3:] < 255).any() or mode == "1"  # a real colour on the right (1-bit "1" is white anyway)
+
+
+def test_sixteen_bit_grey_is_scaled_by_its_depth_not_by_the_brightest_pixel(tmp_path):
+    """A 16-bit grayscale PNG keeps its brightness: 0..65535 maps to 0..255 whatever the image's own range."""
+    from core.images import load_image
+
+    values = np.array([[20000, 200, 65535, 0]], dtype=np.uint16)  # mid grey, near black, white, black
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    out = np.asarray(load_image(tmp_path / "grey16.png"))[0, :, 0]
+    assert out.tolist() == [78, 1, 255, 0]
+    Image.fromarray(np.full((2, 3), 20000, dtype=np.uint16)).save(tmp_path / "flat16.png")  # no white pixel at all
+    assert (np.asarray(load_image(tmp_path / "flat16.png")) == 78).all()
+
+
+def test_the_transparent_colour_of_a_sixteen_bit_rgb_png_is_white(tmp_path):
+    """Pillow decodes a 16-bit RGB PNG to 8 bits a channel while its tRNS colour stays in 16 bits: the key is matched
+    at 8 bits, so the keyed pixel turns white, and an opaque pixel whose 8-bit value equals the key's low byte
+    does not."""
+    import struct
+    import zlib
+
+    from core.images import load_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = [(25700, 0, 0), (65535, 0, 0), (0, 0, 0)]  # opaque dark red, the key (bright red), opaque black
+    raw = b"\x00" + b"".join(struct.pack(">HHH", *px) for px in pixels)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 3, 1, 16, 2, 0, 0, 0))
+           + chunk(b"tRNS", struct.pack(">HHH", 65535, 0, 0)) + chunk(b"IDAT", zlib.compress(raw))
+           + chunk(b"IEND", b""))
+    (tmp_path / "rgb16.png").write_bytes(png)
+    out = np.asarray(load_image(tmp_path / "rgb16.png"))[0]
+    assert out.tolist() == [[100, 0, 0], [255, 255, 255], [0, 0, 0]]
 
 
 def load_image_opaque(img: Image.Image) -> Image.Image:

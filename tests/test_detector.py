@@ -100,7 +100,7 @@ def test_predict_accepts_paths_and_images_and_keeps_order(checkpoint: Path, capt
     assert [len(p.chars) > 0 for p in together] == [len(singles[i].chars) > 0 for i in shuffled]
 
 
-def test_batches_are_grouped_by_width(checkpoint: Path, captchas: list[Path]) -> None:
+def test_batches_are_grouped_by_aspect_ratio(checkpoint: Path, captchas: list[Path]) -> None:
     det = Detector.load(checkpoint)
     seen: list[list[int]] = []
     forward = det.model.forward
@@ -113,6 +113,15 @@ def test_batches_are_grouped_by_width(checkpoint: Path, captchas: list[Path]) ->
     det.predict(captchas, batch_size=2)
     widths = sorted(Image.open(p).width for p in captchas)
     assert seen == [widths[0:2], widths[2:4], widths[4:5]]
+
+    # The network rescales every image to one height, so the narrowest image enlarged (both sides k times, wider
+    # than the next one) is batched with the narrowest itself, the same aspect ratio, not by its width.
+    narrowest, other = sorted((Image.open(p).convert("RGB") for p in captchas), key=lambda img: img.width)[:2]
+    k = other.width // narrowest.width + 1
+    enlarged = narrowest.resize((narrowest.width * k, narrowest.height * k))
+    seen.clear()
+    det.predict([other, enlarged, narrowest], batch_size=2)
+    assert seen == [[narrowest.width, enlarged.width], [other.width]]
 
 
 def test_paths_are_decoded_a_window_at_a_time(checkpoint: Path, captchas: list[Path], monkeypatch) -> None:
