@@ -129,6 +129,66 @@ def _prediction_from_probs(boxes: Sequence[Sequence[float]], probs: torch.Tensor
     return Prediction(text="".join(c.char for c in chars), chars=chars, score=score)
 
 
+def box_source(model: torch.nn.Module) -> str:
+    """Where ``model``'s characters' boxes come from when it decodes (a decode setting, see ``Detector.predict``)."""
+    return model.config.get("box_source", "detector")
+
+
+def both_gate(model: torch.nn.Module) -> float:
+    """With ``box_source`` ``"both"``: the colour reading's least sure character probability under which the
+    detector reads the image as well (see ``Detector.predict``)."""
+    return float(model.config.get("both_gate", 1.0))
+
+
+def decode_arrays(model: torch.nn.Module, arrays: Sequence[np.ndarray], batch_size: int = 32,
+                  device: torch.device | str = "cpu", precision: str = "fp32") -> list[Prediction]:
+    """What ``Detector.predict`` returns, for RGB uint8 arrays ``[H, W, 3]`` and an eval-mode ``model``: its
+    ``box_source`` applied (colour segmentation read by the network, its own detections, or both). The one decoding
+    path of inference, evaluation and validation during training."""
+    precision = resolve_precision(precision, device)
+    tensors = [_array_to_tensor(a) for a in arrays]
+    source = box_source(model)
+    segments: dict[int, list] = {}
+    if source in ("colour", "both"):
+        from core.segment import colour_segments
+
+        limit = int(model.config.get("detections_per_img", 100))
+        segments = {i: boxes for i, a in enumerate(arrays) if 0 < len(boxes := colour_segments(a)) <= limit}
+    coloured = list(segments)
+    probs = read_probs(model, [tensors[i] for i in coloured], [segments[i] for i in coloured], batch_size, device,
+                       precision)
+    by_colour = {i: _prediction_from_probs(segments[i], p) for i, p in zip(coloured, probs)}
+    gate = both_gate(model) if source == "both" else 0.0  # "colour" detects only where nothing was segmented
+    detected = [i for i in range(len(arrays))
+                if i not in by_colour or gate >= 1.0 or min(c.score for c in by_colour[i].chars) < gate]
+    dets = detect(model, [tensors[i] for i in detected], batch_size, device, precision)
+    predictions: list[Prediction | None] = [None] * len(arrays)
+    for i, d in zip(detected, dets):
+        predictions[i] = prediction_from_detections(d)
+    for i, colour in by_colour.items():
+        own = predictions[i]
+        if own is None or len(colour.chars) == len(own.chars) or colour.score >= own.score:
+            predictions[i] = colour
+    return predictions  # type: ignore[return-value]
+
+
+def read_probs(model: torch.nn.Module, tensors: Sequence[torch.Tensor], boxes: Sequence[Sequence[Sequence[float]]],
+               batch_size: int = 32, device: torch.device | str = "cpu",
+               precision: str = "fp32") -> list[torch.Tensor]:
+    """Class probabilities ``[N_i, num_classes]`` (float32, CPU) of ``model`` reading ``boxes[i]`` (pixels) of
+    ``tensors[i]``, in batches grouped by aspect ratio; input order."""
+    order = sorted(range(len(tensors)), key=lambda i: aspect(tensors[i]))
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        given = [torch.as_tensor(boxes[i], dtype=torch.float32, device=device).reshape(-1, 4) for i in chunk]
+        with torch.inference_mode(), autocast(precision, device):
+            logits = model.read_boxes([tensors[i].to(device) for i in chunk], given)
+        for i, x in zip(chunk, logits):
+            out[i] = x.float().softmax(dim=1).cpu()
+    return out  # type: ignore[return-value]
+
+
 def _loaded(img: Image.Image | str | os.PathLike) -> Image.Image:
     """A PIL image as given, a path read with ``core.images.load_image`` (``ImageError`` when unreadable)."""
     return img if isinstance(img, Image.Image) else load_image(img)
@@ -179,13 +239,13 @@ class Detector:
     def box_source(self) -> str:
         """Where the characters' boxes come from: ``"detector"``, ``"colour"`` or ``"both"`` (see ``predict``); a
         decode setting of the checkpoint (``model_config["box_source"]``)."""
-        return self.model.config.get("box_source", "detector")
+        return box_source(self.model)
 
     @property
     def both_gate(self) -> float:
         """With ``box_source`` ``"both"``: the detector reads an image as well only where the colour reading's least
         sure character has a probability below this (1.0, the default: every image)."""
-        return float(self.model.config.get("both_gate", 1.0))
+        return both_gate(self.model)
 
     def predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
         """Decode ``images`` (PIL images or paths); one ``Prediction`` per input, same order.
@@ -208,44 +268,7 @@ class Detector:
     def _predict(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int) -> list[Prediction]:
         """``predict`` on images that are all decoded at once."""
         arrays = [_rgb_array(_loaded(img)) for img in images]
-        tensors = [_array_to_tensor(a) for a in arrays]
-        source = self.box_source
-        segments: dict[int, list] = {}
-        if source in ("colour", "both"):
-            from core.segment import colour_segments
-
-            limit = int(self.model.config.get("detections_per_img", 100))
-            segments = {i: boxes for i, a in enumerate(arrays) if 0 < len(boxes := colour_segments(a)) <= limit}
-        coloured = list(segments)
-        probs = self._read_probs([tensors[i] for i in coloured], [segments[i] for i in coloured], batch_size)
-        by_colour = {i: _prediction_from_probs(segments[i], p) for i, p in zip(coloured, probs)}
-        gate = self.both_gate if source == "both" else 0.0  # "colour" detects only where nothing was segmented
-        detected = [i for i in range(len(arrays))
-                    if i not in by_colour or gate >= 1.0 or min(c.score for c in by_colour[i].chars) < gate]
-        dets = detect(self.model, [tensors[i] for i in detected], batch_size, self.device, self.precision)
-        predictions: list[Prediction | None] = [None] * len(arrays)
-        for i, d in zip(detected, dets):
-            predictions[i] = prediction_from_detections(d)
-        for i, colour in by_colour.items():
-            own = predictions[i]
-            if own is None or len(colour.chars) == len(own.chars) or colour.score >= own.score:
-                predictions[i] = colour
-        return predictions  # type: ignore[return-value]
-
-    def _read_probs(self, tensors: Sequence[torch.Tensor], boxes: Sequence[Sequence[Sequence[float]]],
-                    batch_size: int) -> list[torch.Tensor]:
-        """Class probabilities ``[N_i, num_classes]`` (float32, CPU) of the network reading ``boxes[i]`` (pixels) of
-        ``tensors[i]``, in batches grouped by aspect ratio; input order."""
-        order = sorted(range(len(tensors)), key=lambda i: aspect(tensors[i]))
-        out: list[torch.Tensor | None] = [None] * len(tensors)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            given = [torch.as_tensor(boxes[i], dtype=torch.float32, device=self.device).reshape(-1, 4) for i in chunk]
-            with torch.inference_mode(), autocast(self.precision, self.device):
-                logits = self.model.read_boxes([tensors[i].to(self.device) for i in chunk], given)
-            for i, x in zip(chunk, logits):
-                out[i] = x.float().softmax(dim=1).cpu()
-        return out  # type: ignore[return-value]
+        return decode_arrays(self.model, arrays, batch_size, self.device, self.precision)
 
     def read_boxes(self, images: Sequence[Image.Image | str | os.PathLike],
                    boxes: Sequence[Sequence[Sequence[float]]], batch_size: int = 32) -> list[str]:
@@ -262,7 +285,7 @@ class Detector:
         for part, part_boxes in zip(_windows(images, self.window), _windows(boxes, self.window)):
             tensors = [image_to_tensor(_loaded(img)) for img in part]
             texts += ["".join(CHARS[int(k)] for k in p.argmax(dim=1))
-                      for p in self._read_probs(tensors, part_boxes, batch_size)]
+                      for p in read_probs(self.model, tensors, part_boxes, batch_size, self.device, self.precision)]
         return texts
 
     def __repr__(self) -> str:

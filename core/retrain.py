@@ -267,6 +267,8 @@ def should_promote(new_accuracy: float, baseline: dict[str, Any], force: bool) -
     if force:
         return True, "forced"
     base = baseline.get("val_sequence_accuracy")
+    if base is not None and not baseline.get("val_images"):
+        return False, f"not promoted: the champion {baseline['version']} scored no validation image"
     if base is None:
         if baseline.get("error"):
             return False, f"not promoted: the champion could not be evaluated ({baseline['error']})"

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from core.augment import Augment, Augmented
 from core.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state, transfer_weights
-from core.detector import detect, prediction_from_detections, resolve_device
+from core.detector import decode_arrays, resolve_device
 from core.evaluate import score
 from core.images import ImageError
 from core.paths import resolve_roots
@@ -223,8 +223,9 @@ def validate(
     model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Decode ``dataset`` (width-sorted batches) and score it: ``val_images``, ``val_sequence_accuracy``,
-    ``val_character_accuracy``. The model is left in eval mode."""
+    """Decode ``dataset`` (width-sorted batches) as ``Detector.predict`` would, the model's ``box_source``
+    included, and score it: ``val_images``, ``val_sequence_accuracy``, ``val_character_accuracy``. The model is left
+    in eval mode."""
     model.eval()
     loader = DataLoader(
         _Tolerant(dataset),
@@ -235,9 +236,9 @@ def validate(
     predictions: list[str] = []
     truths: list[str | None] = []
     for batch in loader:
-        dets = detect(model, batch["images"], batch_size=max(1, len(batch["images"])), device=device,
-                      precision=precision)
-        predictions.extend(prediction_from_detections(d).text for d in dets)
+        arrays = [img.mul(255).round_().to(torch.uint8).permute(1, 2, 0).numpy() for img in batch["images"]]
+        found = decode_arrays(model, arrays, batch_size=max(1, len(arrays)), device=device, precision=precision)
+        predictions.extend(p.text for p in found)
         truths.extend(batch["texts"])
     s = score(predictions, truths)
     return {
@@ -293,11 +294,21 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
             raise ValueError("val_images needs val_labels")
         val_set: Dataset = LabelledFolder(cfg.val_images, cfg.val_labels, roots)
         val_source = str(cfg.val_images)
+    elif cfg.val_labels is not None:
+        raise ValueError("val_labels needs val_images (without both, validation is held out from the images)")
     else:
         train_set, val_set = hold_out(train_set, cfg)
         val_source = f"held out from {cfg.images}"
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError(f"no usable training samples in {cfg.images} (skipped: {skipped or 'none'})")
+    if len(val_set) == 0:  # type: ignore[arg-type]
+        # every epoch would score 0 and count as the best, and a retraining run would compare 0 with 0
+        val_skipped = dict(getattr(val_set, "skipped", {})) if cfg.val_images is not None else {}
+        raise ValueError(
+            f"no usable validation samples in {cfg.val_images} (skipped: {val_skipped or 'none'})"
+            if cfg.val_images is not None
+            else f"no sample to validate on: {cfg.images} holds one usable sample; give validation images"
+        )
     augment = Augment() if cfg.augment else None
     if augment is not None:
         train_set = Augmented(train_set, augment, _extents(train_set))
@@ -421,6 +432,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
             record["unreadable_images"] = len(errors)
             log.warning("epoch %d: %d unreadable images skipped (first: %s)", epoch, len(errors), errors[0])
         record.update(validate(evaluated, val_set, cfg.val_batch_size, device, cfg.num_workers, precision))
+        if record["val_images"] == 0:
+            raise ValueError(f"epoch {epoch}: no validation image could be read ({val_source})")
         record["seconds"] = time.perf_counter() - t0
         key = (record["val_sequence_accuracy"], record["val_character_accuracy"])
         record["best"] = best_key is None or key >= best_key

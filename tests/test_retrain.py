@@ -232,6 +232,25 @@ def test_a_failed_run_publishes_nothing_and_says_why(env, data, tmp_path):
         assert run.status == "failed" and "no usable training samples" in run.error
         assert list_versions(session) == []
     assert not list(store.glob("*.safetensors"))
+    # an empty validation folder: every epoch would score 0, as would the champion, and 0 >= 0 would promote
+    with pytest.raises(ValueError, match="no usable validation samples"):
+        run_retrain("task-noval", request(data, val_images=str(empty / "images"), val_labels=str(empty / "labels")),
+                    sessions)  # fmt: skip
+    with sessions() as session:
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "task-noval"))
+        assert run.status == "failed" and "no usable validation samples" in run.error
+        assert list_versions(session) == []
+
+
+def test_a_champion_that_scored_no_validation_image_is_not_beaten_by_zero():
+    from core.retrain import should_promote
+
+    nothing = {"version": "v3", "val_sequence_accuracy": 0.0, "val_images": 0}
+    assert should_promote(0.0, nothing, force=False) == (
+        False, "not promoted: the champion v3 scored no validation image"
+    )  # fmt: skip
+    assert should_promote(0.5, {**nothing, "val_images": 4}, force=False)[0]
+    assert should_promote(0.0, nothing, force=True)[0]
 
 
 @pytest.mark.postgres

@@ -240,3 +240,40 @@ def test_train_command_reports_bad_input(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "error" in proc.stderr and "missing" in proc.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_run_with_nothing_to_validate_on_is_refused(data: Path, tmp_path: Path) -> None:
+    """An empty validation folder (or a single training image to hold out from) would score every epoch 0, each
+    the best so far, and a retraining run would then compare 0 with 0 and promote."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no usable validation samples"):
+        train_model(_config(data, tmp_path / "a.safetensors", val_labels=tmp_path / "empty"))
+    one = tmp_path / "one"
+    generate(one, 1, seed=9, workers=1, progress=False)
+    with pytest.raises(ValueError, match="no sample to validate on"):
+        train_model(_config(data, tmp_path / "b.safetensors", images=one / "images", labels=one / "labels",
+                            val_images=None, val_labels=None))  # fmt: skip
+    with pytest.raises(ValueError, match="val_labels needs val_images"):
+        train_model(_config(data, tmp_path / "c.safetensors", val_images=None))
+    assert not any(tmp_path.glob("*.safetensors"))
+
+
+def test_validation_decodes_as_the_detector_does_with_colour_boxes(data: Path) -> None:
+    """A checkpoint set to read colour boxes is validated on them (what ``eval`` and the workers serve), not on its
+    own detections: with the detector made to find nothing, validation still reads what ``predict`` reads."""
+    from core.checkpoint import default_checkpoint_path
+    from core.evaluate import score
+    from core.formats import LabelledFolder
+    from core.train import validate
+
+    det = Detector.load(default_checkpoint_path(), device="cpu", precision="fp32")
+    det.model.config.update(box_source="colour", score_thresh=1.01)  # no detection passes: colour boxes only
+    images = data / "train" / "images"
+    folder = LabelledFolder(images, data / "train" / "labels")
+    paths = [folder[i]["path"] for i in range(len(folder))]
+    served = score([p.text for p in det.predict(paths)], [folder[i]["text"] for i in range(len(folder))])
+    assert served.sequence_accuracy > 0.5
+    got = validate(det.model, folder, 8, det.device, precision="fp32")
+    assert got["val_images"] == len(folder)
+    assert got["val_sequence_accuracy"] == served.sequence_accuracy
+    assert got["val_character_accuracy"] == served.character_accuracy
