@@ -11,7 +11,7 @@ import contextlib
 import signal
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -29,6 +29,54 @@ LOSS_NAMES = ("loss", "rpn_cls", "rpn_reg", "cls", "box_reg", "reader", "context
 # --------------------------------------------------------------------------------------------------------------
 # core: data, training, evaluation
 # --------------------------------------------------------------------------------------------------------------
+
+
+class TrainProgress:
+    """``train``'s display of ``train_model`` events: a bar per epoch (steps, loss, time left), a line per epoch; in
+    logs (no terminal) a line every 50 steps instead of the bar."""
+
+    def __init__(self, console: Any, epochs: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console
+        self.epochs = epochs
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console,
+        )  # fmt: skip
+        self.task = self.progress.add_task("train", total=None, epoch="-", loss=0.0)
+        self.recent: list[float] = []
+
+    def __call__(self, event: dict) -> None:
+        console, progress, task = self.console, self.progress, self.task
+        if event["event"] == "start":
+            console.print(
+                f"training {event['train_images']} images, validating on {event['val_images']}, "
+                f"{event['steps_per_epoch']} steps/epoch on {event['device']} ({event['precision']})"
+            )
+            # reset, not update: a bar that finished keeps its finish time, and with it a time left of 0
+            progress.reset(task, total=event["steps_per_epoch"], epoch=event["start_epoch"],
+                           visible=event["start_epoch"] <= self.epochs)  # fmt: skip
+        elif event["event"] == "step":
+            progress.update(task, advance=1, loss=event["loss"])
+            self.recent.append(event["loss"])
+            if not console.is_terminal and event["step"] % 50 == 0:  # logs: a line instead of a live bar
+                console.print(
+                    f"step {event['step']}/{event['steps']} epoch {event['epoch']} "
+                    f"loss {sum(self.recent) / len(self.recent):.4f} lr {event['lr']:.2e}"
+                )
+                self.recent.clear()
+        elif event["event"] == "epoch":
+            losses = " ".join(f"{k} {event[k]:.4f}" for k in LOSS_NAMES if k in event)
+            console.print(
+                f"epoch {event['epoch']}: {losses} | val seq {event['val_sequence_accuracy']:.4f} "
+                f"char {event['val_character_accuracy']:.4f} | {event['images_per_second']:.1f} img/s"
+                + (" | saved" if event["best"] else "")
+            )
+            if event["epoch"] < self.epochs:
+                progress.reset(task, epoch=event["epoch"] + 1)
+            else:  # the last epoch: no empty bar for an epoch that will not run
+                progress.update(task, visible=False)
 
 
 @app.command()
@@ -67,7 +115,6 @@ def train(
     import json
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from core.checkpoint import CheckpointError
     from core.train import TrainConfig, train_model
@@ -87,43 +134,9 @@ def train(
         seed=seed, resume=resume, init_from=init_from, version=version, augment=augment, ema_decay=ema_decay,
         precision=precision, train_parts=train_parts,
     )  # fmt: skip
-    progress = Progress(
-        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console,
-    )  # fmt: skip
-    task = progress.add_task("train", total=None, epoch="-", loss=0.0)
-    recent: list[float] = []
-
-    def on_progress(event: dict) -> None:
-        if event["event"] == "start":
-            console.print(
-                f"training {event['train_images']} images, validating on {event['val_images']}, "
-                f"{event['steps_per_epoch']} steps/epoch on {event['device']} ({event['precision']})"
-            )
-            progress.update(task, total=event["steps_per_epoch"], completed=0, epoch=event["start_epoch"])
-        elif event["event"] == "step":
-            progress.update(task, advance=1, loss=event["loss"])
-            recent.append(event["loss"])
-            if not console.is_terminal and event["step"] % 50 == 0:  # logs: a line instead of a live bar
-                console.print(
-                    f"step {event['step']}/{event['steps']} epoch {event['epoch']} "
-                    f"loss {sum(recent) / len(recent):.4f} lr {event['lr']:.2e}"
-                )
-                recent.clear()
-        elif event["event"] == "epoch":
-            losses = " ".join(f"{k} {event[k]:.4f}" for k in LOSS_NAMES if k in event)
-            console.print(
-                f"epoch {event['epoch']}: {losses} | val seq {event['val_sequence_accuracy']:.4f} "
-                f"char {event['val_character_accuracy']:.4f} | {event['images_per_second']:.1f} img/s"
-                + (" | saved" if event["best"] else "")
-            )
-            if event["epoch"] < cfg.epochs:
-                progress.update(task, completed=0, epoch=event["epoch"] + 1)
-            else:  # the last epoch: no empty bar for an epoch that will not run
-                progress.update(task, visible=False)
-
+    on_progress = TrainProgress(console, cfg.epochs)
     try:
-        with progress:
+        with on_progress.progress:
             result = train_model(cfg, on_progress)
     except (CheckpointError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -188,6 +188,18 @@ def claim_run(sessions: sessionmaker, task_id: str, request: RetrainRequest, wor
         return False
 
 
+def fail_queued_run(sessions: sessionmaker, task_id: str, reason: str) -> bool:
+    """Mark a run that no worker will ever train (its request was refused) ``failed`` with ``reason``, if it is still
+    ``queued``; True when a row changed. ``retrain --wait`` then stops with the reason instead of waiting."""
+    now = utcnow()
+    with sessions() as session, session.begin():
+        return session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.task_id == task_id, TrainingRun.status == "queued")
+            .values(status="failed", error=f"request refused: {reason}", finished_at=now, updated_at=now)
+        ).rowcount == 1
+
+
 def _update_run(sessions: sessionmaker, task_id: str, **values: Any) -> None:
     with sessions() as session, session.begin():
         session.execute(update(TrainingRun).where(TrainingRun.task_id == task_id).values(updated_at=utcnow(), **values))

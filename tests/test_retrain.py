@@ -84,6 +84,28 @@ def test_request_validation_names_the_bad_field(data):
             RetrainRequest.from_json(bad)
 
 
+def test_a_refused_request_fails_its_queued_run(env, data, sqlite_url, monkeypatch):
+    """A request the worker refuses (here a field it does not know, as from a newer CLI) fails the run row that
+    ``retrain`` created, so ``retrain --wait`` and ``models`` show why instead of a run queued for ever."""
+    from celery.exceptions import Reject
+
+    from core.config import get_settings
+    from core.retrain import create_run
+    from worker.train_task import train
+
+    sessions, _ = env
+    monkeypatch.setenv("CAPTCHA_DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    with sessions() as session, session.begin():
+        create_run(session, "task-refused", request(data))
+    result = train.apply(args=[{**request(data).as_json(), "new_option": 1}], task_id="task-refused")
+    assert isinstance(result.result, Reject)
+    with sessions() as session:
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "task-refused"))
+        assert run.status == "failed" and run.finished_at is not None
+        assert run.error == "request refused: unknown retrain request fields: new_option"
+
+
 def test_retrain_publishes_promotes_and_rolls_back(env, data, configured):
     sessions, store = env
     progress: list[dict] = []

@@ -36,16 +36,20 @@ def train(self: Task, request: dict) -> dict:
     import torch
 
     from core.config import get_settings
-    from core.retrain import RetrainError, RetrainRequest, run_retrain
+    from core.retrain import RetrainError, RetrainRequest, fail_queued_run, run_retrain
     from db.session import session_factory
     from worker.runtime import torch_threads
 
+    settings = get_settings()
     try:
         parsed = RetrainRequest.from_json(request)
     except RetrainError as exc:
         log.error("training task %s: rejecting malformed request: %s", self.request.id, exc)
+        try:  # the run row `retrain` created would otherwise stay queued for ever
+            fail_queued_run(session_factory(settings.database_url), str(self.request.id), str(exc))
+        except Exception:
+            log.exception("training task %s: could not record the refusal", self.request.id)
         raise Reject(str(exc), requeue=False) from exc
-    settings = get_settings()
     torch.set_num_threads(torch_threads(settings))
 
     def on_progress(event: dict[str, Any]) -> None:
