@@ -54,9 +54,8 @@ class TrainProgress:
                 f"training {event['train_images']} images, validating on {event['val_images']}, "
                 f"{event['steps_per_epoch']} steps/epoch on {event['device']} ({event['precision']})"
             )
-            # reset, not update: a bar that finished keeps its finish time, and with it a time left of 0
-            progress.reset(task, total=event["steps_per_epoch"], epoch=event["start_epoch"],
-                           visible=event["start_epoch"] <= self.epochs)  # fmt: skip
+            self._restart(event["start_epoch"], total=event["steps_per_epoch"],
+                          visible=event["start_epoch"] <= self.epochs)  # fmt: skip
         elif event["event"] == "step":
             progress.update(task, advance=1, loss=event["loss"])
             self.recent.append(event["loss"])
@@ -74,9 +73,15 @@ class TrainProgress:
                 + (" | saved" if event["best"] else "")
             )
             if event["epoch"] < self.epochs:
-                progress.reset(task, epoch=event["epoch"] + 1)
+                self._restart(event["epoch"] + 1)
             else:  # the last epoch: no empty bar for an epoch that will not run
                 progress.update(task, visible=False)
+
+    def _restart(self, epoch: int, **options: Any) -> None:
+        """The bar at 0 for ``epoch``. A reset, not an update: a bar that finished keeps its finish time (and shows
+        0:00:00 left) until reset, and a reset replaces all the fields."""
+        loss = self.progress.tasks[0].fields.get("loss", 0.0)
+        self.progress.reset(self.task, epoch=epoch, loss=loss, **options)
 
 
 @app.command()

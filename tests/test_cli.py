@@ -92,18 +92,20 @@ def test_the_training_bar_starts_each_epoch_afresh():
 
     from core.cli import TrainProgress
 
-    shown = TrainProgress(Console(file=io.StringIO(), force_terminal=False), epochs=3)
+    shown = TrainProgress(Console(file=io.StringIO(), force_terminal=True), epochs=3)
     task = shown.progress.tasks[0]
-    shown({"event": "start", "start_epoch": 1, "steps_per_epoch": 4, "train_images": 8, "val_images": 2,
-           "device": "cpu", "precision": "fp32"})  # fmt: skip
-    for epoch in (1, 2):
-        for step in range(1, 5 if epoch == 1 else 3):
-            shown({"event": "step", "epoch": epoch, "step": step, "steps": 12, "loss": 1.0, "lr": 1e-3})
-        if epoch == 1:
-            assert task.finished
-            shown({"event": "epoch", "epoch": 1, "best": True, "val_sequence_accuracy": 0.5,
-                   "val_character_accuracy": 0.5, "images_per_second": 9.0, "loss": 1.0})  # fmt: skip
-            assert task.completed == 0 and task.fields["epoch"] == 2
+    with shown.progress:  # drawn, so every field the columns show must be there
+        shown({"event": "start", "start_epoch": 1, "steps_per_epoch": 4, "train_images": 8, "val_images": 2,
+               "device": "cpu", "precision": "fp32"})  # fmt: skip
+        for epoch in (1, 2):
+            for step in range(1, 5 if epoch == 1 else 3):
+                shown({"event": "step", "epoch": epoch, "step": step, "steps": 12, "loss": 1.0, "lr": 1e-3})
+                shown.progress.refresh()
+            if epoch == 1:
+                assert task.finished
+                shown({"event": "epoch", "epoch": 1, "best": True, "val_sequence_accuracy": 0.5,
+                       "val_character_accuracy": 0.5, "images_per_second": 9.0, "loss": 1.0})  # fmt: skip
+                assert task.completed == 0 and task.fields["epoch"] == 2
     assert not task.finished and task.completed == 2 and task.total == 4
     assert task.finished_time is None
     # a resumed run with no epoch left draws no bar
