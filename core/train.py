@@ -277,6 +277,9 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     """
     from core.formats import LabelledFolder
 
+    for key, where in (("arch", "--arch"), ("num_classes", "the charset (36 classes)")):
+        if key in cfg.model_config:
+            raise ValueError(f"model_config cannot set {key}: it comes from {where}")
     if cfg.epoch_size is not None and cfg.epoch_size < 1:
         raise ValueError(f"epoch_size must be at least 1, got {cfg.epoch_size}")
     emit = on_progress or (lambda event: None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -419,3 +420,22 @@ def test_seed_loss_falls_on_a_small_set():
         totals.append(float(total.detach()))
     assert all(math.isfinite(t) for t in totals)
     assert sum(totals[-2:]) < 0.7 * sum(totals[:2]), totals
+
+
+def test_settings_of_the_wrong_type_are_refused_by_name() -> None:
+    """A ``--model-config`` value of the wrong JSON type is a one-line error before anything is built, not a
+    TypeError deep in a layer (or, for a string height, in the middle of training)."""
+    from core.models import build_model
+
+    for config, message in (
+        ({"input_height": "x"}, "input_height: 'x' is not a whole number"),
+        ({"widths": [8, 16, "a"]}, "widths: [8, 16, 'a'] is not a list of whole numbers"),
+        ({"context_layers": 1.5}, "context_layers: 1.5 is not a whole number"),
+        ({"cross_class_nms_thresh": "a"}, "cross_class_nms_thresh: 'a' is not a number or null"),
+        ({"score_thresh": True}, "score_thresh: True is not a number"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_model("fast", **config)
+    assert build_model("fast", cross_class_nms_thresh=None, score_thresh=1).config["score_thresh"] == 1
+    with pytest.raises(ValueError, match=re.escape("seed network setting detections_per_img: '10' is not")):
+        build_model("seed", detections_per_img="10")

@@ -253,6 +253,8 @@ def test_a_run_with_nothing_to_validate_on_is_refused(data: Path, tmp_path: Path
     with pytest.raises(ValueError, match="no sample to validate on"):
         train_model(_config(data, tmp_path / "b.safetensors", images=one / "images", labels=one / "labels",
                             val_images=None, val_labels=None))  # fmt: skip
+    with pytest.raises(ValueError, match="model_config cannot set arch: it comes from --arch"):
+        train_model(_config(data, tmp_path / "d.safetensors", model_config={**TINY, "arch": "seed"}))
     with pytest.raises(ValueError, match="val_labels needs val_images"):
         train_model(_config(data, tmp_path / "c.safetensors", val_images=None))
     assert not any(tmp_path.glob("*.safetensors"))
