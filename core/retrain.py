@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -381,6 +382,10 @@ def _publish(
     """
     attempt = 1
     while True:
+        # a token of its own per attempt: two runs whose ids share their first characters, or a retried attempt,
+        # never write (or, failing, delete) the same file
+        token = f"{task_id[:8]}-{uuid.uuid4().hex[:8]}"
+        written: list[Path] = []
         try:
             with sessions() as session, session.begin():
                 if promoted and check:
@@ -393,10 +398,11 @@ def _publish(
                             f"{_name(baseline_champion)}; compare them and promote by hand"
                         )
                 row = publish(
-                    session, model, store, token=task_id[:8], parent=parent, metrics=metrics,
+                    session, model, store, token=token, parent=parent, metrics=metrics,
                     data_summary=meta.get("data_summary", {}), train_config=meta.get("train_config", {}),
                     task_id=task_id,
                 )  # fmt: skip
+                written.append(Path(row.path))
                 if promoted:
                     promote(session, row.number)
                 session.execute(
@@ -407,6 +413,9 @@ def _publish(
                 )  # fmt: skip
                 return row.number, promoted
         except IntegrityError:
+            for path in written:  # published, then the promotion lost a race: the row is gone, so are its files
+                path.unlink(missing_ok=True)
+                path.with_suffix(".json").unlink(missing_ok=True)
             if attempt == PUBLISH_ATTEMPTS:
                 raise
             attempt += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -338,6 +339,33 @@ def test_two_promotions_at_once_leave_one_champion(backend, request, tmp_path):
         assert [(v.number, v.status) for v in list_versions(session)] == [(v3, "ready"), (v2, "champion"),
                                                                         (v1, "ready")]
     dispose_engines()
+
+
+def test_an_attempt_that_loses_the_promotion_race_leaves_no_files(env, data, monkeypatch):
+    """Publishing writes the files, then the promotion loses a race (IntegrityError) and the transaction is rolled
+    back: that attempt's files go with its row, and the retry publishes under a file name of its own."""
+    from sqlalchemy.exc import IntegrityError
+
+    import core.retrain
+
+    sessions, store = env
+    real_promote, calls = core.retrain.promote, []
+
+    def racing(session, number):
+        calls.append(number)
+        if len(calls) == 1:
+            raise IntegrityError("promote", {}, Exception("another champion committed first"))
+        return real_promote(session, number)
+
+    monkeypatch.setattr(core.retrain, "promote", racing)
+    outcome = run_retrain("nightly-2024-01", request(data), sessions)
+    assert outcome.version == 1 and outcome.promoted and calls == [1, 1]
+    files = sorted(p.name for p in store.iterdir() if p.is_file())
+    assert len(files) == 2 and files[1] == files[0].replace(".json", ".safetensors")
+    # the task id's first 8 characters ("nightly-", shared by every nightly run) and a part no other attempt has
+    assert re.fullmatch(r"v1-nightly--[0-9a-f]{8}\.json", files[0]), files
+    with sessions() as session:
+        verify(get_version(session, 1))
 
 
 def test_a_run_compared_with_an_old_champion_is_not_promoted(env, data):
