@@ -284,11 +284,16 @@ def _decode_setting_problem(key: str, value: Any) -> str | None:
     return None
 
 
+MAX_VERSION_LENGTH = 64  # the version columns of the database (results, images, worker events)
+MAX_GIVEN_VERSION_LENGTH = MAX_VERSION_LENGTH - len("+decode:12345678")  # room for a reconfigured copy's suffix
+
+
 def checkpoint_version(meta: dict, path: str | os.PathLike | None = None) -> str:
     """The version results are recorded under: the metadata's ``version`` if it has one (set by the training task),
     else ``sha256:`` and the first 12 hex digits of the weights' sha256 (of the file at ``path`` where the metadata
     lacks it). A checkpoint written by ``reconfigure_checkpoint`` holds the same weights as its source but reads
-    differently, so its version adds ``+decode:`` and 8 hex digits of its decode settings."""
+    differently, so its version adds ``+decode:`` and 8 hex digits of its decode settings. A version longer than the
+    database holds (64 characters, a hand-written one) is cut to its first 47 and ``~`` and 16 hex digits of it."""
     version = meta.get("version")
     if not version:
         digest = meta.get("sha256") or (sha256_file(path) if path is not None else None)
@@ -299,7 +304,10 @@ def checkpoint_version(meta: dict, path: str | os.PathLike | None = None) -> str
         config = meta.get("model_config", {})
         decode = {k: config[k] for k in sorted(DECODE_SETTINGS) if k in config}
         version += "+decode:" + hashlib.sha256(json.dumps(decode, sort_keys=True).encode()).hexdigest()[:8]
-    return str(version)
+    version = str(version)
+    if len(version) > MAX_VERSION_LENGTH:  # the database's columns hold 64: the start and a digest of the whole
+        version = version[: MAX_VERSION_LENGTH - 17] + "~" + hashlib.sha256(version.encode()).hexdigest()[:16]
+    return version
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

@@ -23,7 +23,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from core.augment import Augment, Augmented
-from core.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state, transfer_weights
+from core.checkpoint import (
+    MAX_GIVEN_VERSION_LENGTH,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+    transfer_weights,
+)
 from core.detector import decode_arrays, resolve_device
 from core.evaluate import score
 from core.images import ImageError
@@ -280,6 +287,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     for key, where in (("arch", "--arch"), ("num_classes", "the charset (36 classes)")):
         if key in cfg.model_config:
             raise ValueError(f"model_config cannot set {key}: it comes from {where}")
+    if cfg.version is not None and len(cfg.version) > MAX_GIVEN_VERSION_LENGTH:
+        raise ValueError(f"version {cfg.version!r} is longer than {MAX_GIVEN_VERSION_LENGTH} characters")
     if cfg.epoch_size is not None and cfg.epoch_size < 1:
         raise ValueError(f"epoch_size must be at least 1, got {cfg.epoch_size}")
     emit = on_progress or (lambda event: None)

@@ -53,6 +53,19 @@ def test_version_from_metadata(tmp_path: Path) -> None:
     assert Detector.load(path).version == "7"
 
 
+def test_a_version_longer_than_the_database_holds_is_cut_to_a_unique_64(tmp_path: Path) -> None:
+    """PostgreSQL refuses a version over 64 characters (SQLite stores it), which failed every image of the worker
+    serving it; the version is cut to its start and a digest of the whole, and a reconfigured copy still differs."""
+    given = "nightly-" + "x" * 71
+    path = save_checkpoint(build_model("fast", **TINY), tmp_path / "v.safetensors", {"version": given})
+    version = Detector.load(path).version
+    assert len(version) == 64 and version.startswith("nightly-xxx") and version[47] == "~"
+    other = save_checkpoint(build_model("fast", **TINY), tmp_path / "w.safetensors", {"version": given + "y"})
+    assert Detector.load(other).version != version
+    copy = reconfigure_checkpoint(path, tmp_path / "r.safetensors", {"score_thresh": 0.3})
+    assert len(Detector.load(copy).version) == 64 and Detector.load(copy).version != version
+
+
 def test_a_reconfigured_checkpoint_records_results_under_its_own_version(tmp_path: Path) -> None:
     """reconfigure keeps the weights (so their sha256) but changes what the network reads: results written with it
     must not share a model_version with its source's, and two different decode settings must not share one either."""

@@ -242,9 +242,10 @@ def test_train_command_reports_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_a_run_with_nothing_to_validate_on_is_refused(data: Path, tmp_path: Path) -> None:
+def test_runs_that_cannot_work_are_refused_before_training(data: Path, tmp_path: Path) -> None:
     """An empty validation folder (or a single training image to hold out from) would score every epoch 0, each
-    the best so far, and a retraining run would then compare 0 with 0 and promote."""
+    the best so far, and a retraining run would then compare 0 with 0 and promote; a setting the network's
+    architecture owns, a version the database cannot hold, validation labels without their images."""
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no usable validation samples"):
         train_model(_config(data, tmp_path / "a.safetensors", val_labels=tmp_path / "empty"))
@@ -255,6 +256,8 @@ def test_a_run_with_nothing_to_validate_on_is_refused(data: Path, tmp_path: Path
                             val_images=None, val_labels=None))  # fmt: skip
     with pytest.raises(ValueError, match="model_config cannot set arch: it comes from --arch"):
         train_model(_config(data, tmp_path / "d.safetensors", model_config={**TINY, "arch": "seed"}))
+    with pytest.raises(ValueError, match="longer than 48 characters"):
+        train_model(_config(data, tmp_path / "e.safetensors", version="v" * 49))
     with pytest.raises(ValueError, match="val_labels needs val_images"):
         train_model(_config(data, tmp_path / "c.safetensors", val_images=None))
     assert not any(tmp_path.glob("*.safetensors"))

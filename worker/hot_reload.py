@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from db.models import ModelVersion, WorkerEvent, utcnow
@@ -136,8 +136,8 @@ class DetectorHolder:
             with self.sessions() as session, session.begin():
                 session.add(WorkerEvent(at=utcnow(), hostname=socket.gethostname(), pid=os.getpid(), event=event,
                                         old_version=old, new_version=new, detail=detail))  # fmt: skip
-        except (OperationalError, ProgrammingError) as exc:
-            log.warning("could not record the %s event: %s", event, exc.orig or exc)
+        except SQLAlchemyError as exc:  # an event is a record of what happened, never a reason to stop serving
+            log.warning("could not record the %s event: %s", event, getattr(exc, "orig", None) or exc)
 
 
 class _KeepCurrent(Exception):
