@@ -42,6 +42,10 @@ NAMING_CONVENTION = {
 }
 
 MAX_ID = 2**31 - 1  # the largest id an INTEGER column holds (PostgreSQL's int4): ids beyond it name no row
+# The longest stored path (bytes of its UTF-8 text form): PostgreSQL's btree index entries (the job's unique
+# (job_id, path) pair, the index on path) hold at most 2,704 bytes, and a path of up to 4,095 bytes whose every
+# undecodable byte takes 4 characters in the text form can exceed that.
+MAX_PATH_BYTES = 2600
 IMAGE_STATUSES = ("pending", "done", "failed")
 MODEL_STATUSES = ("ready", "champion", "retired")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed")

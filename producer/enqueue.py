@@ -15,6 +15,7 @@ This module never imports torch: the task is sent by name.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,8 +26,11 @@ from pathlib import Path
 from core.celery_app import DECODE_QUEUE, DECODE_TASK, app
 from core.config import get_settings, mask_url
 from core.paths import is_allowed, path_to_text, resolve_roots
+from db.models import MAX_PATH_BYTES
 from producer.aspect import by_aspect
 from producer.scan import ScannedFile, scan
+
+log = logging.getLogger(__name__)
 
 REGISTER_CHUNK = 20_000
 
@@ -175,7 +179,14 @@ def enqueue(
 
     files = list(scan(roots, recursive=recursive, pattern=pattern, warn=warn))
     check_allowed(files, resolve_roots(settings.allowed_roots))
-    rows = [(path_to_text(f.path), f.size, f.mtime_ns) for f in files]
+    rows = []
+    for f in files:
+        text = path_to_text(f.path)
+        if len(text.encode()) > MAX_PATH_BYTES:  # PostgreSQL would refuse its whole chunk of 20,000
+            (warn or log.warning)(f"skipping {text[:80]}...: path too long to store ({len(text.encode())} bytes, "
+                                  f"at most {MAX_PATH_BYTES})")  # fmt: skip
+            continue
+        rows.append((text, f.size, f.mtime_ns))
 
     with app.connection_for_write(broker_url) as conn:
         try:
