@@ -14,12 +14,16 @@ Training state (the last epoch's weights, optimizer tensors, RNG state) lives in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,10 +105,41 @@ def _tensors_for_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+@contextlib.contextmanager
+def _as_one_write() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while a pair of files (weights and the JSON that names their sha256) is written,
+    then deliver them: an interrupt between the two would leave weights that their JSON refuses (the checkpoint
+    unloadable, a run impossible to resume). Outside the main thread, where handlers cannot be set, it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda received, frame: held.append(received))
+                for signum in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     _write_atomic(path, save(_tensors_for_file(tensors), metadata={"format": "pt"}))
+
+
+def _tensors_from_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"corrupt or unreadable safetensors file {path}: {exc}") from None
 
 
 def _load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -130,6 +165,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
     config = dict(getattr(model, "config", None) or {})
     if "arch" not in config:
         raise CheckpointError("model.config must be a dict with an 'arch' key so the network can be rebuilt")
+    with _as_one_write():
+        _save_pair(path, model, metadata, config)
+    return path
+
+
+def _save_pair(path: Path, model: nn.Module, metadata: dict | None, config: dict[str, Any]) -> None:
     _save_tensors(path, model.state_dict())
     extra = dict(metadata or {})
     meta: dict[str, Any] = {
@@ -147,7 +188,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
         extra.pop("version", None)
     meta.update(extra)
     _write_atomic(metadata_path(path), _json_bytes(meta))
-    return path
 
 
 def read_metadata_bytes(path: str | os.PathLike) -> bytes:
@@ -197,14 +237,18 @@ def load_checkpoint(
     meta = read_metadata(path)
     if meta["charset"] != CHARS:
         raise CheckpointError(f"{path}: trained for charset {meta['charset']!r}, this code reads {CHARS!r}")
+    try:
+        data = path.read_bytes()  # hashed and loaded from the same bytes, whatever replaces the file meanwhile
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
     if verify_sha256:
-        actual = sha256_file(path)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != meta["sha256"]:
             raise CheckpointError(
                 f"{path}: sha256 mismatch (file {actual[:12]}..., metadata {str(meta['sha256'])[:12]}...); "
                 "the weights were modified or belong to another checkpoint"
             )
-    state = _load_tensors(path)
+    state = _tensors_from_bytes(data, path)
     try:
         model = build_model(**meta["model_config"])
     except (TypeError, ValueError, KeyError) as exc:
@@ -401,17 +445,18 @@ def save_training_state(
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_initialized():  # training on a GPU draws from its generators too
         tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
-    _save_tensors(tensor_file, tensors)
     py_version, py_state, py_gauss = random.getstate()
-    doc = {
-        "format_version": STATE_FORMAT_VERSION,
-        "model_config": dict(getattr(model, "config", {})),
-        "optimizer": optim_info,
-        "python_random": [py_version, list(py_state), py_gauss],
-        "sha256": sha256_file(tensor_file),
-        "state": state,
-    }
-    _write_atomic(json_file, _json_bytes(doc))
+    with _as_one_write():
+        _save_tensors(tensor_file, tensors)
+        doc = {
+            "format_version": STATE_FORMAT_VERSION,
+            "model_config": dict(getattr(model, "config", {})),
+            "optimizer": optim_info,
+            "python_random": [py_version, list(py_state), py_gauss],
+            "sha256": sha256_file(tensor_file),
+            "state": state,
+        }
+        _write_atomic(json_file, _json_bytes(doc))
     return tensor_file, json_file
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,47 @@ def test_training_state_round_trip(model, images, tmp_path: Path) -> None:
     for i, entry in saved["state"].items():
         for name, value in entry.items():
             assert torch.equal(restored["state"][i][name], value)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_between_weights_and_json_waits_for_the_pair(model, tmp_path: Path, monkeypatch, signum) -> None:
+    """Ctrl-C (or SIGTERM) arriving after the new weights are renamed into place but before their JSON is written
+    used to leave weights their JSON refuses (sha256 mismatch): the checkpoint unloadable, the run impossible to
+    resume. The signal now takes effect once the pair is whole, and the previous handler still gets it."""
+    import core.checkpoint
+
+    write = core.checkpoint._write_atomic
+
+    def interrupted_before_json(path, data):
+        if path.suffix == ".json":
+            os.kill(os.getpid(), signum)  # between the two renames
+        write(path, data)
+
+    out = tmp_path / "m.safetensors"
+    save_checkpoint(model, out, {"version": "old"})
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_training_state(out, model, optimizer, {"epoch": 1})
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # new weights: the interrupted pair must not mix old and new
+    class Interrupted(Exception):
+        pass
+
+    def stop(received, frame):  # as Python's Ctrl-C handler raises KeyboardInterrupt
+        raise Interrupted(received)
+
+    previous = signal.signal(signum, stop)
+    try:
+        monkeypatch.setattr(core.checkpoint, "_write_atomic", interrupted_before_json)
+        with pytest.raises(Interrupted):
+            save_checkpoint(model, out, {"version": "new"})
+        with pytest.raises(Interrupted):
+            save_training_state(out, model, optimizer, {"epoch": 2})
+    finally:
+        signal.signal(signum, previous)
+    loaded, meta = load_checkpoint(out)
+    assert meta["version"] == "new"
+    assert torch.equal(next(loaded.parameters()), next(model.parameters()))
+    assert load_training_state(out, model, optimizer) == {"epoch": 2}
 
 
 def test_training_state_for_another_model_is_refused(model, tmp_path: Path) -> None:
