@@ -52,6 +52,13 @@ def metadata_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def check_weights_path(path: str | os.PathLike) -> None:
+    """Refuse (``CheckpointError``) a weights path whose JSON would be the same file (a name ending in ``.json``)."""
+    if metadata_path(path) == Path(path):
+        raise CheckpointError(f"{path}: a checkpoint's weights cannot end in .json (that is where its metadata goes); "
+                              "use .safetensors")
+
+
 def state_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """The training-state files (tensors, JSON) kept beside the checkpoint at ``path``."""
     p = Path(path)
@@ -162,6 +169,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
     given. Returns ``path``.
     """
     path = Path(path)
+    check_weights_path(path)
     config = dict(getattr(model, "config", None) or {})
     if "arch" not in config:
         raise CheckpointError("model.config must be a dict with an 'arch' key so the network can be rebuilt")

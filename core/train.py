@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from core.augment import Augment, Augmented
 from core.checkpoint import (
     MAX_GIVEN_VERSION_LENGTH,
+    check_weights_path,
     load_checkpoint,
     load_training_state,
     save_checkpoint,
@@ -79,6 +81,23 @@ class TrainConfig:
 
     def as_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues (its data, schedule and seed; folders
+        as absolute paths): anything else would silently train a different run. ``epochs`` may grow, the device,
+        precision and loader processes may change."""
+        key = {}
+        for name in RESUME_SETTINGS:
+            value = getattr(self, name)
+            key[name] = os.path.abspath(value) if name in PATH_SETTINGS and value is not None else value
+        return key
+
+
+PATH_SETTINGS = ("images", "labels", "val_images", "val_labels", "init_from")
+RESUME_SETTINGS = PATH_SETTINGS + (
+    "arch", "epoch_size", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "seed",
+    "val_fraction", "val_max", "ema_decay", "augment", "train_parts",
+)
 
 
 @dataclass
@@ -284,6 +303,7 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     """
     from core.formats import LabelledFolder
 
+    check_weights_path(cfg.out)
     for key, where in (("arch", "--arch"), ("num_classes", "the charset (36 classes)")):
         if key in cfg.model_config:
             raise ValueError(f"model_config cannot set {key}: it comes from {where}")
@@ -362,6 +382,11 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     best_epoch = 0
     if cfg.resume:
         state = load_training_state(out, model, optimizer, average)
+        saved = state.get("resume_key")  # None: a state saved before runs recorded it
+        if saved is not None and saved != cfg.resume_key():
+            changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.resume_key().items()
+                                if saved.get(k) != v)  # fmt: skip
+            raise ValueError(f"--resume continues the run saved at {out} with its own settings; changed: {changed}")
         history, step = state["history"], state["step"]
         start_epoch = state["epoch"] + 1
         best_epoch = state["best_epoch"]
@@ -464,7 +489,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
             out,
             model,
             optimizer,
-            {"epoch": epoch, "step": step, "best_epoch": best_epoch, "best_key": best_key, "history": history},
+            {"epoch": epoch, "step": step, "best_epoch": best_epoch, "best_key": best_key, "history": history,
+             "resume_key": cfg.resume_key()},
             average,
         )
         epochs_run += 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import load_checkpoint, read_metadata, state_paths
+from core.checkpoint import CheckpointError, load_checkpoint, read_metadata, state_paths
 from core.detector import Detector
 from core.synth import generate
 from core.train import TrainConfig, WidthBucketSampler, lr_at, train_model
@@ -143,6 +143,10 @@ def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path, ema_d
     # a finished run resumed again has nothing left to do
     again = train_model(_config(data, out, resume=True, ema_decay=ema_decay, num_workers=workers))
     assert again.epochs_run == 0 and again.best_epoch == resumed.best_epoch
+    # resumed with another schedule or seed it would silently be another run
+    with pytest.raises(ValueError, match=r"changed: batch_size 8 -> 4, seed 3 -> 5"):
+        train_model(_config(data, out, resume=True, ema_decay=ema_decay, num_workers=workers, epochs=3,
+                            batch_size=4, seed=5))  # fmt: skip
 
 
 def test_moving_average_is_what_gets_validated_and_saved(data: Path, tmp_path: Path) -> None:
@@ -256,6 +260,8 @@ def test_runs_that_cannot_work_are_refused_before_training(data: Path, tmp_path:
                             val_images=None, val_labels=None))  # fmt: skip
     with pytest.raises(ValueError, match="model_config cannot set arch: it comes from --arch"):
         train_model(_config(data, tmp_path / "d.safetensors", model_config={**TINY, "arch": "seed"}))
+    with pytest.raises(CheckpointError, match="cannot end in .json"):
+        train_model(_config(data, tmp_path / "f.json"))
     with pytest.raises(ValueError, match="longer than 48 characters"):
         train_model(_config(data, tmp_path / "e.safetensors", version="v" * 49))
     with pytest.raises(ValueError, match="val_labels needs val_images"):
