@@ -48,8 +48,8 @@ def text_from_filename(name: str | os.PathLike) -> str | None:
     prefix, dash, _ = base.partition("-")
     if not dash:
         return None
-    text = prefix.lower()
-    return text if _TEXT_RE.fullmatch(text) else None
+    text = prefix.lower()  # ASCII first: str.lower() maps a few other letters (the Kelvin sign K) into a-z
+    return text if prefix.isascii() and _TEXT_RE.fullmatch(text) else None
 
 
 def list_images(root: str | os.PathLike, recursive: bool = False, pattern: str | None = None) -> list[Path]:
@@ -90,7 +90,7 @@ def read_yolo_labels(
     if not labels:
         raise LabelError("bad text", "empty text")
     try:
-        lines = Path(label_file).read_text(encoding="utf-8").splitlines()
+        lines = Path(label_file).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not a line
     except FileNotFoundError:
         raise LabelError("missing label file", str(label_file)) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -34,6 +34,7 @@ from core.formats import (
         ("-0.png", None),
         ("ab_c-0.png", None),
         ("héllo-0.png", None),
+        ("\u212a1-0.png", None),  # the Kelvin sign lowercases to "k", but it is not a character of the charset
     ],
 )
 def test_text_from_filename(name: str, text: str | None) -> None:
@@ -101,6 +102,8 @@ def test_yolo_reader_edge_cases(tmp_path: Path) -> None:
     with pytest.raises(LabelError) as exc:
         read_yolo_labels(f, "x", 100, 80)
     assert exc.value.reason == "empty box"
+    f.write_bytes(b"\xef\xbb\xbf\r\n0 0.5 0.5 0.2 0.5\r\n")  # a byte-order mark alone on the first line, CRLF
+    assert read_yolo_labels(f, "x", 100, 80)[1] == encode("x")
 
 
 def _labelled(root: Path, stem: str, text_len: int | None, n_boxes: int, **png) -> None:
