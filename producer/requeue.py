@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from core.celery_app import DECODE_QUEUE, app
 from core.config import get_settings, mask_url
+from producer.aspect import by_aspect
 from producer.enqueue import EnqueueError, publish
 
 
@@ -48,6 +49,6 @@ def requeue_pending(
         except Exception as exc:  # kombu wraps every transport error differently
             raise EnqueueError(f"cannot reach the broker at {mask_url(broker_url)}: {exc}") from exc
         with app.amqp.Producer(conn) as producer:
-            for job, images in by_job.items():
-                publish(producer, job, images, queue, per_message)
+            for job, images in by_job.items():  # ordered as enqueue orders them, so batches stay unpadded
+                publish(producer, job, by_aspect(images), queue, per_message)
     return sum(len(images) for images in by_job.values())

@@ -211,6 +211,15 @@ def test_messages_group_images_of_similar_width_while_ids_follow_names(tmp_path,
     assert sent_widths == [[150, 160], [400, 410], [690, 700]]
     assert [Path(path).name for _, _, path, _, _ in db_images(db)] == [f"img{i}-0.png" for i in range(6)]
 
+    import redis
+
+    from producer.requeue import requeue_pending
+
+    redis.Redis.from_url(redis_url).delete(queue)  # lost: requeued from the database, grouped the same way
+    assert requeue_pending(queue=queue, paths_per_message=2, database_url=db, broker_url=redis_url) == 6
+    messages = [m["kwargs"]["images"] for m in queued(redis_url, queue)]
+    assert [[Image.open(path).width for _, path in images] for images in messages] == sent_widths
+
 
 def test_reenqueue_skips_unchanged_files_unless_forced_or_changed(tmp_path, db, redis_url, queue):
     from db.models import Image
