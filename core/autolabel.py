@@ -28,7 +28,7 @@ from PIL import Image
 
 from core.charset import encode
 from core.formats import list_images, shared_stems, text_from_filename, write_yolo_labels
-from core.images import FORMATS, ImageError, load_image
+from core.images import FORMATS, SUPPORTED_SUFFIXES, ImageError, load_image
 from core.segment import Box, colour_boxes
 
 if TYPE_CHECKING:
@@ -167,9 +167,11 @@ def autolabel(
     if not colour and checkpoint is None:
         raise ValueError("nothing to label with: without the colour labeller a checkpoint is needed")
     start = time.perf_counter()
+    paths = list_images(images_dir)
+    if not paths:
+        raise ValueError(f"no image files in {images_dir} ({', '.join(SUPPORTED_SUFFIXES)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = list_images(images_dir)
     report = AutolabelReport(images=len(paths))
     progress = on_progress or (lambda stage, done, total: None)
     pending: dict[str, str] = {}  # path -> reason it is still unlabelled

@@ -579,11 +579,13 @@ def _stored_result(database_url: Optional[str], path: str) -> Optional[dict]:
 @app.command()
 def render(
     image: Optional[Path] = typer.Argument(None, help="Image to draw (or use --job)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: <image stem>.render.png)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="PNG to write (default: <image stem>.render.png, in --out-dir when given)."
+    ),
     checkpoint: Optional[Path] = typer.Option(None, help="Model used when there is no stored result."),
     run_model: bool = typer.Option(False, "--run-model", help="Decode with the model even if a result is stored."),
     job: Optional[str] = typer.Option(None, "--job", help="Render the decoded images of this job (id or name)."),
-    out_dir: Path = typer.Option(Path("renders"), "--out-dir", help="Folder for --job pictures."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the pictures (--job: renders)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many --job pictures."),
     scale: int = typer.Option(2, min=1, max=8, help="Image magnification."),
     database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
@@ -604,6 +606,7 @@ def render(
         with session:
             _require_job(session, url, job)
             rows = query_results(session, job=job, status="done", limit=limit)
+        out_dir = out_dir or Path("renders")
         written, errors = render_rows(rows, out_dir, scale=scale)
         for path, reason in errors.items():
             typer.echo(f"warning: {path}: {reason}", err=True)
@@ -631,7 +634,7 @@ def render(
                 "chars": [{"char": c.char, "box": list(c.box), "score": c.score} for c in prediction.chars],
             }  # fmt: skip
             source = f"model {detector.version}"
-        written = render_file(path, out or Path(f"{Path(path).stem}.render.png"), row, scale=scale)
+        written = render_file(path, out or (out_dir or Path()) / f"{Path(path).stem}.render.png", row, scale=scale)
     except (ImageError, CheckpointError, FileNotFoundError) as exc:
         raise _fail(f"{path}: {exc}") from None
     typer.echo(f"{written}: '{row['text']}' ({source})")

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket")
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # the devices a setting or an option may name
 
 
@@ -53,6 +54,15 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(
         3600, ge=1, description="Seconds before Redis hands an unacknowledged message to another worker"
     )
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_broker(cls, value: str) -> str:
+        """Only Redis: the visibility timeout, the queue lengths that ``status`` reads and ``demo`` are Redis's."""
+        scheme = value.partition("://")[0].lower() if "://" in value else ""
+        if scheme not in BROKER_SCHEMES:
+            raise ValueError(f"the broker must be Redis ({', '.join(s + '://' for s in BROKER_SCHEMES)}...)")
+        return value
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

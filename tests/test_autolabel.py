@@ -104,7 +104,7 @@ def test_autolabel_command_reports_json_and_draws_samples(folder: Path) -> None:
     assert result.exit_code == 1 and "not a folder" in result.output
 
 
-def test_autolabel_with_no_labeller_refuses_and_keeps_the_labels(folder: Path) -> None:
+def test_autolabel_with_nothing_to_do_refuses_and_keeps_the_labels(folder: Path) -> None:
     """``--no-colour`` without ``--checkpoint`` labels nothing, so it must not delete the labels already there."""
     before = sorted(p.name for p in (folder / "labels").iterdir())
     assert before
@@ -112,3 +112,7 @@ def test_autolabel_with_no_labeller_refuses_and_keeps_the_labels(folder: Path) -
                                       "--no-colour"])  # fmt: skip
     assert result.exit_code != 0 and "a checkpoint is needed" in result.output
     assert sorted(p.name for p in (folder / "labels").iterdir()) == before
+    (folder / "no-images").mkdir()
+    result = CliRunner().invoke(app, ["autolabel", str(folder / "no-images"), "--out", str(folder / "new")])
+    assert result.exit_code == 1 and "no image files in" in result.output
+    assert not (folder / "new").exists()

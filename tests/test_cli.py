@@ -20,6 +20,7 @@ def run(*args: str, cwd, **env: str) -> subprocess.CompletedProcess:
         (["status"], {"CAPTCHA_MAX_IMAGE_WIDTH": "abc"}, "invalid setting CAPTCHA_MAX_IMAGE_WIDTH: Input should be"),
         (["status"], {"CAPTCHA_PRECISION": "fp16"}, "invalid setting CAPTCHA_PRECISION"),
         (["status"], {"CAPTCHA_DEVICE": "gpu"}, "invalid setting CAPTCHA_DEVICE: String should match pattern"),
+        (["enqueue", "."], {"CAPTCHA_BROKER_URL": "http://x"}, "CAPTCHA_BROKER_URL: Value error, the broker must be Redis"),
         (["enqueue", "."], {"CAPTCHA_DATABASE_URL": "postgres://127.0.0.1/test"}, "unsupported database URL"),
         (["enqueue", "."], {"CAPTCHA_DATABASE_URL": "mysql://x@127.0.0.1/x"}, "no driver for this database URL"),
         (["enqueue", "."], {"CAPTCHA_DATABASE_URL": "notaurl"}, "not a database URL"),

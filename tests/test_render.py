@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +90,12 @@ def test_render_command_uses_the_stored_result(stored, tmp_path):
     for i, box in enumerate(stored["boxes"]):
         assert_box_drawn(picture, box, PALETTE[i])
     assert title_pixels(picture, GREEN) > 20
+    # --out-dir places the default name there
+    folder = tmp_path / "pictures"
+    result = CliRunner().invoke(app, ["render", str(stored["path"]), "--out-dir", str(folder),
+                                      "--database-url", stored["url"]])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in folder.iterdir()] == [f"{Path(stored['path']).stem}.render.png"]
 
 
 def test_render_finds_the_stored_result_of_a_file_whose_name_is_not_utf8(tmp_path, sqlite_url):

@@ -384,6 +384,13 @@ def test_worker_argv_picks_the_pool_and_refuses_several_processes_per_gpu():
     for bad in ("gpu", "cuda:x", "CPU", "cuda:0,1"):
         with pytest.raises(WorkerConfigError, match="expected auto, cpu, cuda or cuda:N"):
             worker_argv(device=bad)
+    with pytest.raises(WorkerConfigError, match="--loglevel 'loud': expected debug, info"):
+        worker_argv(device="cpu", loglevel="loud")
+    assert "--loglevel=WARNING" in worker_argv(device="cpu", loglevel="warning")
+    for nothing in ("", ",", " , "):
+        with pytest.raises(WorkerConfigError, match="--queues names no queue"):
+            worker_argv(queues=nothing, device="cpu")
+    assert "--queues=decode,train" in worker_argv(queues=" decode, train,", device="cpu")
 
 
 def test_a_worker_that_could_only_fail_refuses_to_start(tmp_path):

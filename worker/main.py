@@ -22,6 +22,7 @@ from core.config import get_settings, is_device_name
 from worker.runtime import torch_threads
 
 POOLS = ("auto", "solo", "prefork", "threads")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class WorkerConfigError(ValueError):
@@ -43,6 +44,11 @@ def worker_argv(
         raise WorkerConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if pool not in POOLS:
         raise WorkerConfigError(f"--pool must be one of {', '.join(POOLS)}")
+    if loglevel.upper() not in LOG_LEVELS:
+        raise WorkerConfigError(f"--loglevel {loglevel!r}: expected {', '.join(level.lower() for level in LOG_LEVELS)}")
+    queues = ",".join(name.strip() for name in queues.split(",") if name.strip())
+    if not queues:
+        raise WorkerConfigError("--queues names no queue (e.g. --queues decode or --queues decode,train)")
     if device.startswith("cuda"):
         if concurrency != 1 or pool not in ("auto", "solo"):
             raise WorkerConfigError(
@@ -60,7 +66,7 @@ def worker_argv(
         f"--queues={queues}",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
-        f"--loglevel={loglevel}",
+        f"--loglevel={loglevel.upper()}",
         f"--hostname={name}",
         "--without-gossip",
         "--without-mingle",
