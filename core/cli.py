@@ -222,14 +222,14 @@ def eval_command(
     gated = f", detector below {gate:g}" if gate is not None and gate < 1 else ""
     table.add_row("boxes from", detector.box_source + gated)
     table.add_row("unreadable", str(len(report.unreadable)))
-    Console().print(table)
+    _stdout().print(table)
     if summary["top_confusions"]:
         conf = Table(title="top character confusions (∅ = missing / extra)")
         for col in ("truth", "predicted", "count"):
             conf.add_column(col)
         for truth, predicted, count in summary["top_confusions"]:
             conf.add_row(truth, predicted, str(count))
-        Console().print(conf)
+        _stdout().print(conf)
 
 
 @app.command()
@@ -384,6 +384,23 @@ def _settings_device() -> str:
     return get_settings().device
 
 
+def _stdout() -> Any:
+    """The console for tables on stdout: the terminal's width, or 200 columns when piped or captured (rich's 80
+    would cut a table's paths and headers to "versi…" in a file or a pipe)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def _version_number(text: str) -> int:
+    """A model version as the tables print it (``v3``) or as its number (``3``)."""
+    digits = text[1:] if text[:1] in ("v", "V") else text
+    if not digits.isascii() or not digits.isdigit():
+        raise typer.BadParameter(f"{text!r} is not a version (v3, or 3)")
+    return int(digits)
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -464,7 +481,6 @@ def status(
     jobs: int = typer.Option(10, min=0, help="Latest jobs listed when no JOB is given."),
 ) -> None:
     """Progress: images total, done, failed, pending, throughput, ETA, and the broker queue depth."""
-    from rich.console import Console
     from rich.table import Table
 
     from core.config import get_settings, mask_url
@@ -478,7 +494,7 @@ def status(
     broker = get_settings().broker_url
     depth = queue_depth(broker, queue)
 
-    console = Console()
+    console = _stdout()
     summary = Table(show_header=False, box=None, title=f"job {job_id}" if job_id is not None else "all jobs")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
@@ -539,7 +555,6 @@ def results(
             for row in rows:
                 writer.writerow({**{k: row[k] for k in RESULT_FIELDS}, "chars": json.dumps(row["chars"])})
         else:
-            from rich.console import Console
             from rich.table import Table
 
             table = Table("job", "path", "status", "text", "score", "chars", "model", "error")
@@ -550,7 +565,7 @@ def results(
                     "" if row["score"] is None else f"{row['score']:.3f}", str(len(row["chars"])),
                     row["model_version"] or "", row["error"] or "",
                 )  # fmt: skip
-            Console().print(table)
+            _stdout().print(table)
 
 
 def _stored_result(database_url: Optional[str], path: str) -> Optional[dict]:
@@ -776,7 +791,9 @@ def retrain(
     labels: Path = typer.Option(..., help="Folder of YOLO label files, one <stem>.txt per image."),
     val_images: Optional[Path] = typer.Option(None, help="Validation images (default: a seeded 5% hold-out)."),
     val_labels: Optional[Path] = typer.Option(None, help="Validation labels."),
-    from_version: Optional[int] = typer.Option(None, "--from", help="Start from this version (default: the champion)."),
+    from_version: Optional[int] = typer.Option(
+        None, "--from", parser=_version_number, metavar="VERSION", help="Start from this version, e.g. v3 (default: the champion)."
+    ),
     scratch: bool = typer.Option(False, "--scratch", help="Start from random weights (--arch, --model-config)."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(16, min=1),
@@ -952,7 +969,6 @@ def models_list(
 ) -> None:
     """Model versions (newest first) and the latest training runs with their progress."""
     import sqlalchemy as sa
-    from rich.console import Console
     from rich.table import Table
 
     from core.registry import list_versions
@@ -961,7 +977,7 @@ def models_list(
     with _models_session(database_url) as session:
         versions = list_versions(session)
         latest = session.scalars(sa.select(TrainingRun).order_by(TrainingRun.id.desc()).limit(runs)).all()
-    console = Console()
+    console = _stdout()
     table = Table("version", "status", "arch", "parent", "val seq acc", "baseline", "created", "promoted", "sha256",
                   title="model versions")  # fmt: skip
     for v in versions:
@@ -979,7 +995,7 @@ def models_list(
         for r in latest:
             updated = r.updated_at or r.created_at
             detail = (r.error or "")[:80] if r.status == "failed" else _progress_text(r.progress)
-            produced = f"v{r.version}" + (" (champion)" if r.promoted else "") if r.version else "-"
+            produced = f"v{r.version}" + (" (promoted)" if r.promoted else "") if r.version else "-"
             runs_table.add_row(
                 r.task_id[:8], r.status, f"{r.epoch}/{r.epochs}", detail, produced,
                 f"{(now - updated).total_seconds():.0f} s ago", r.worker or "-",
@@ -989,7 +1005,7 @@ def models_list(
 
 @models_app.command("show")
 def models_show(
-    version: int = typer.Argument(..., help="Version number."),
+    version: int = typer.Argument(..., parser=_version_number, help="Version, e.g. v3."),
     database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
 ) -> None:
     """One version as JSON: its row, metrics, data summary and whether its file still matches its sha256."""
@@ -1026,7 +1042,7 @@ CHAMPION_RACE = (
 
 @models_app.command("promote")
 def models_promote(
-    version: int = typer.Argument(..., help="Version number to make champion."),
+    version: int = typer.Argument(..., parser=_version_number, help="Version to make champion, e.g. v3."),
     database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
 ) -> None:
     """Make a version the champion (its file is checked first); workers switch to it within seconds."""

@@ -248,12 +248,12 @@ def test_retrain_wait_then_models_commands(tmp_path, data, redis_url, sqlite_url
         assert "published v1 after 1/1 epochs" in first.stderr and "promoted" in first.stderr
         second = cli(*retrain_args(data, train_queue, "--epochs", "1", "--force", "--wait"), env=env)
         assert second.returncode == 0 and "published v2" in second.stderr and "forced" in second.stderr
-        missing = cli(*retrain_args(data, train_queue, "--from", "7", scratch=False), env=env)
+        missing = cli(*retrain_args(data, train_queue, "--from", "v7", scratch=False), env=env)
         assert missing.returncode == 1 and "no model version 7" in missing.stderr
 
     listed = cli("models", env=env)
     assert listed.returncode == 0 and "v2" in listed.stdout and "champion" in listed.stdout
-    shown = cli("models", "show", "1", env=env)
+    shown = cli("models", "show", "v1", env=env)  # as the tables print it, or "1"
     assert '"file": "ok"' in shown.stdout and '"status": "ready"' in shown.stdout
     rolled = cli("models", "rollback", env=env)
     assert rolled.returncode == 0 and "v2 retired; champion: v1" in rolled.stdout
@@ -261,3 +261,5 @@ def test_retrain_wait_then_models_commands(tmp_path, data, redis_url, sqlite_url
     assert promoted.returncode == 0 and "v2 is the champion (was v1)" in promoted.stdout
     unknown = cli("models", "promote", "9", env=env)
     assert unknown.returncode == 1 and "no model version 9" in unknown.stderr
+    bad = cli("models", "promote", "x2", env=env)
+    assert bad.returncode == 2 and "'x2' is not a version (v3, or 3)" in bad.stderr
