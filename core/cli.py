@@ -453,14 +453,20 @@ def db_upgrade(database_url: Optional[str] = typer.Option(None, help=DATABASE_UR
     import sqlalchemy as sa
 
     from core.config import mask_url
-    from db.session import database_url as resolve_url, upgrade
+    from db.session import database_url as resolve_url, schema_revisions, upgrade
 
     url = resolve_url(database_url)
     try:
+        before, head, _ = schema_revisions(url)
         upgrade(url)
     except (sa.exc.OperationalError, sa.exc.ArgumentError) as exc:
         raise _fail(f"cannot migrate {mask_url(url)}: {getattr(exc, 'orig', None) or exc}") from None
-    typer.echo(f"{mask_url(url)}: schema up to date")
+    if before is None:
+        typer.echo(f"{mask_url(url)}: schema created (revision {head})")
+    elif before != head:
+        typer.echo(f"{mask_url(url)}: schema migrated from revision {before} to {head}")
+    else:
+        typer.echo(f"{mask_url(url)}: schema up to date (revision {head})")
 
 
 def _duration(seconds: Optional[float]) -> str:

@@ -265,7 +265,13 @@ def test_db_upgrade_command_and_missing_database(tmp_path):
     assert not (tmp_path / "new.db").exists()
 
     out = run("db", "upgrade", "--database-url", url)
-    assert out.exit_code == 0 and "schema up to date" in out.stdout
+    assert out.exit_code == 0 and "schema created (revision " in out.stdout
+    again = run("db", "upgrade", "--database-url", url)
+    assert again.exit_code == 0 and "schema up to date (revision " in again.stdout
+    older = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(older, revision="0002")
+    out = run("db", "upgrade", "--database-url", older)
+    assert out.exit_code == 0 and "schema migrated from revision 0002 to " in out.stdout
     assert json.loads(run("results", "--database-url", url, "--format", "json").stdout) == []
     dispose_engines()
 
