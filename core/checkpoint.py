@@ -240,6 +240,9 @@ def load_checkpoint(
     from core.models import build_model
 
     path = Path(path)
+    if metadata_path(path) == path:
+        raise CheckpointError(f"{path} is a checkpoint's description; give its weights, "
+                              f"{path.with_suffix('.safetensors')}")  # fmt: skip
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     meta = read_metadata(path)

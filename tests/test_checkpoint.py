@@ -108,6 +108,8 @@ def test_missing_and_corrupt_files_give_clear_errors(model, tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nothing.safetensors")
     path = save_checkpoint(model, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"m.json is a checkpoint's description; give its weights, .*m.safetensors"):
+        load_checkpoint(metadata_path(path))  # the other file of the pair
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(path, verify_sha256=False)
