@@ -4,7 +4,7 @@
     python bench/bench_pipeline.py --enqueue-only 100000 [--database-url URL]
 
 Pipeline mode, on ``--images`` synthetic CAPTCHAs:
-  (a) in-process: ``Detector.predict`` on all the paths (batched, grouped by width), all torch threads;
+  (a) in-process: ``Detector.predict`` on all the paths (batched, grouped by aspect ratio), all torch threads;
   (b) end to end: ``enqueue`` → Redis → one worker subprocess (one process, all torch threads) → rows committed in
       SQLite, timed from the start of ``enqueue`` until every image is done;
 and the ratio (b) / (a). Both are steady-state figures: each side first makes one untimed pass over the same images

@@ -122,8 +122,10 @@ def _as_one_write() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    previous = {signum: signal.signal(signum, lambda received, frame: held.append(received))
-                for signum in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not None:  # None: a handler set outside Python, which could not be put back
+            previous[signum] = signal.signal(signum, lambda received, frame: held.append(received))
     try:
         yield
     finally:

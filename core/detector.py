@@ -2,7 +2,8 @@
 
 ``Detector.load()`` reads a checkpoint (default: ``Settings.checkpoint`` or the shipped one) and ``predict()`` runs
 it on PIL images or paths in batches grouped by aspect ratio (the network rescales every image to one height, so
-images of a similar aspect ratio share a batch and padding stays small),
+images of a similar aspect ratio share a batch and padding stays small; a network that keeps the images' size,
+like ``seed``, batches by size),
 returning one ``Prediction`` per input, in input order. Paths are read ``Detector.window`` at a time, so a long list
 of paths never sits in memory as decoded images all at once.
 """
@@ -10,7 +11,7 @@ of paths never sits in memory as decoded images all at once.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,20 @@ def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def aspect(image: torch.Tensor) -> tuple[float, int]:
-    """Sort key of a Tensor[3, H, W] image for batching: width over height first (the network rescales every image
-    to one height, so images of one aspect ratio are padded least together), then width."""
+    """Sort key of a Tensor[3, H, W] image for batching by a network that rescales every image to one height
+    (``fast``): width over height first (images of one aspect ratio are padded least together), then width."""
     return image.shape[-1] / max(1, image.shape[-2]), image.shape[-1]
+
+
+def size(image: torch.Tensor) -> tuple[int, int]:
+    """Sort key of a Tensor[3, H, W] image for batching by a network that keeps its size (``seed``): width, height."""
+    return image.shape[-1], image.shape[-2]
+
+
+def batch_key(model: torch.nn.Module) -> Callable[[torch.Tensor], tuple]:
+    """How ``model``'s inputs are best grouped into batches: by aspect ratio where it rescales them to one height
+    (``input_height`` in its config), else by size."""
+    return aspect if getattr(model, "config", {}).get("input_height") else size
 
 
 def detect(
@@ -98,7 +110,8 @@ def detect(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    order = sorted(range(len(images)), key=lambda i: aspect(images[i]))
+    key = batch_key(model)
+    order = sorted(range(len(images)), key=lambda i: key(images[i]))
     out: list[dict[str, torch.Tensor] | None] = [None] * len(images)
     precision = resolve_precision(precision, device)
     with torch.inference_mode(), autocast(precision, device):
@@ -177,7 +190,8 @@ def read_probs(model: torch.nn.Module, tensors: Sequence[torch.Tensor], boxes: S
                precision: str = "fp32") -> list[torch.Tensor]:
     """Class probabilities ``[N_i, num_classes]`` (float32, CPU) of ``model`` reading ``boxes[i]`` (pixels) of
     ``tensors[i]``, in batches grouped by aspect ratio; input order."""
-    order = sorted(range(len(tensors)), key=lambda i: aspect(tensors[i]))
+    key = batch_key(model)
+    order = sorted(range(len(tensors)), key=lambda i: key(tensors[i]))
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]

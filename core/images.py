@@ -70,11 +70,14 @@ def _opaque_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale (Pillow may open it as "I"): 0..65535 to 0..255, the same scale for every image
+        # 16-bit grayscale: 0..65535 to 0..255, the same scale for every image. A 32-bit "I" image (made in memory,
+        # Image.fromarray of int32) whose values all fit 0..255 is taken as 8-bit.
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64).clip(0, 65535) * (255.0 / 65535.0)
-        img = Image.fromarray(np.rint(arr).astype("uint8"), mode="L")
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = arr.clip(0, 65535) * (255.0 / 65535.0)
+        img = Image.fromarray(np.rint(arr.clip(0, 255)).astype("uint8"), mode="L")
     if img.mode == "P" and ("transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA")):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -83,9 +83,9 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
     def resume_key(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues (its data, schedule and seed; folders
-        as absolute paths): anything else would silently train a different run. ``epochs`` may grow, the device,
-        precision and loader processes may change."""
+        """The settings a resumed run must share with the run it continues (its data, schedule, length and seed;
+        folders as absolute paths): anything else would silently train a different run (more epochs would stretch
+        the cosine and raise the learning rate again). The device, precision and loader processes may change."""
         key = {}
         for name in RESUME_SETTINGS:
             value = getattr(self, name)
@@ -95,7 +95,7 @@ class TrainConfig:
 
 PATH_SETTINGS = ("images", "labels", "val_images", "val_labels", "init_from")
 RESUME_SETTINGS = PATH_SETTINGS + (
-    "arch", "epoch_size", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "seed",
+    "arch", "epochs", "epoch_size", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "seed",
     "val_fraction", "val_max", "ema_decay", "augment", "train_parts",
 )
 
@@ -339,7 +339,8 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
         raise ValueError(
             f"no usable validation samples in {cfg.val_images} (skipped: {val_skipped or 'none'})"
             if cfg.val_images is not None
-            else f"no sample to validate on: {cfg.images} holds one usable sample; give validation images"
+            else f"no sample to validate on: nothing held out of {cfg.images} (val_max {cfg.val_max}, "
+            f"{len(train_set)} usable samples); give validation images"
         )
     augment = Augment() if cfg.augment else None
     if augment is not None:
@@ -382,10 +383,10 @@ def train_model(cfg: TrainConfig, on_progress: Callable[[dict[str, Any]], None] 
     best_epoch = 0
     if cfg.resume:
         state = load_training_state(out, model, optimizer, average)
-        saved = state.get("resume_key")  # None: a state saved before runs recorded it
-        if saved is not None and saved != cfg.resume_key():
-            changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.resume_key().items()
-                                if saved.get(k) != v)  # fmt: skip
+        saved = state.get("resume_key") or {}  # empty: a state saved before runs recorded it
+        now = cfg.resume_key()
+        changed = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k])
+        if changed:
             raise ValueError(f"--resume continues the run saved at {out} with its own settings; changed: {changed}")
         history, step = state["history"], state["step"]
         start_epoch = state["epoch"] + 1

@@ -243,6 +243,9 @@ def test_sixteen_bit_grey_is_scaled_by_its_depth_not_by_the_brightest_pixel(tmp_
     assert out.tolist() == [78, 1, 255, 0]
     Image.fromarray(np.full((2, 3), 20000, dtype=np.uint16)).save(tmp_path / "flat16.png")  # no white pixel at all
     assert (np.asarray(load_image(tmp_path / "flat16.png")) == 78).all()
+    from core.images import to_rgb  # a 32-bit image made in memory with 8-bit values keeps them
+
+    assert np.asarray(to_rgb(Image.fromarray(np.array([[0, 128, 255]], dtype=np.int32))))[0, :, 0].tolist() == [0, 128, 255]
 
 
 def test_the_transparent_colour_of_a_sixteen_bit_rgb_png_is_white(tmp_path):

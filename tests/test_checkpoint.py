@@ -215,6 +215,17 @@ def test_an_interrupt_between_weights_and_json_waits_for_the_pair(model, tmp_pat
     assert load_training_state(out, model, optimizer) == {"epoch": 2}
 
 
+def test_a_handler_set_outside_python_is_left_alone(model, tmp_path: Path, monkeypatch) -> None:
+    """Embedded in another program, ``signal.getsignal`` answers None for a handler the host installed, and None
+    cannot be put back: such a signal is not held, and the others still are and are restored."""
+    real = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None if signum == signal.SIGTERM else real(signum))
+    before = {signum: real(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    assert {signum: real(signum) for signum in before} == before
+    load_checkpoint(tmp_path / "m.safetensors")
+
+
 def test_training_state_for_another_model_is_refused(model, tmp_path: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters())
     save_training_state(tmp_path / "m.safetensors", model, optimizer, {"epoch": 1})

@@ -137,6 +137,15 @@ def test_batches_are_grouped_by_aspect_ratio(checkpoint: Path, captchas: list[Pa
     assert seen == [[narrowest.width, enlarged.width], [other.width]]
 
 
+def test_a_network_that_keeps_the_image_size_batches_by_size() -> None:
+    """``seed`` reads images at their own size, so images of one aspect ratio but different sizes would pad each
+    other; it batches by width and height, ``fast`` (one input height) by aspect ratio."""
+    from core.detector import aspect, batch_key, size
+
+    assert batch_key(build_model("seed")) is size
+    assert batch_key(build_model("fast", **TINY)) is aspect
+
+
 def test_paths_are_decoded_a_window_at_a_time(checkpoint: Path, captchas: list[Path], monkeypatch) -> None:
     import core.detector as detector_module
 

@@ -144,7 +144,7 @@ def test_resume_continues_from_the_saved_epoch(data: Path, tmp_path: Path, ema_d
     again = train_model(_config(data, out, resume=True, ema_decay=ema_decay, num_workers=workers))
     assert again.epochs_run == 0 and again.best_epoch == resumed.best_epoch
     # resumed with another schedule or seed it would silently be another run
-    with pytest.raises(ValueError, match=r"changed: batch_size 8 -> 4, seed 3 -> 5"):
+    with pytest.raises(ValueError, match=r"changed: epochs 2 -> 3, batch_size 8 -> 4, seed 3 -> 5"):
         train_model(_config(data, out, resume=True, ema_decay=ema_decay, num_workers=workers, epochs=3,
                             batch_size=4, seed=5))  # fmt: skip
 
