@@ -44,7 +44,8 @@ class TrainProgress:
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console,
         )  # fmt: skip
-        self.task = self.progress.add_task("train", total=None, epoch="-", loss=0.0)
+        # hidden until the run starts: a mistake found before then is an error line, not an empty bar above it
+        self.task = self.progress.add_task("train", total=None, epoch="-", loss=0.0, visible=False)
         self.recent: list[float] = []
 
     def __call__(self, event: dict) -> None:
@@ -132,6 +133,10 @@ def train(
     except ValueError as exc:
         console.print(f"[red]error:[/red] --model-config: {exc}")
         raise typer.Exit(2) from None
+    if (val_images is None) != (val_labels is None):
+        console.print("[red]error:[/red] give both --val-images and --val-labels, or neither (validation is then "
+                      "held out of the training images)")  # fmt: skip
+        raise typer.Exit(2)
     cfg = TrainConfig(
         images=images, labels=labels, out=out, val_images=val_images, val_labels=val_labels, arch=arch,
         model_config=network, epochs=epochs, epoch_size=epoch_size, batch_size=batch_size, lr=lr,
@@ -699,6 +704,11 @@ def enqueue(
         f"job {report.job_id}: {report.enqueued} images enqueued in {report.messages} messages "
         f"({report.skipped} unchanged skipped, {report.found} found) in {report.seconds:.1f} s"
     )
+    if report.enqueued == 0 and report.skipped:
+        console.print(
+            f"[yellow]hint:[/] all {report.skipped} files are unchanged since an earlier job queued or decoded them "
+            "(captcha-queue results shows those); --force sends them again"
+        )
     typer.echo(report.job_id)
     if wait:
         try:
@@ -732,6 +742,8 @@ def requeue(
         sent = requeue_pending(job_id, queue=queue)
     except EnqueueError as exc:
         raise _fail(str(exc)) from None
+    if sent == 0:
+        typer.echo(f"no pending images{f' in job {job}' if job is not None else ''}: nothing to send", err=True)
     typer.echo(sent)
 
 
@@ -829,6 +841,11 @@ def retrain(
 
     try:
         network = json.loads(model_config)
+    except ValueError as exc:
+        raise _fail(f"--model-config: {exc}", code=2) from None
+    if (val_images is None) != (val_labels is None):
+        raise _fail("give both --val-images and --val-labels, or neither (validation is then held out)", code=2)
+    try:
         request = RetrainRequest.from_json({
             "images": str(images.resolve()), "labels": str(labels.resolve()),
             "val_images": str(val_images.resolve()) if val_images else None,

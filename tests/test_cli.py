@@ -114,3 +114,12 @@ def test_the_training_bar_starts_each_epoch_afresh():
     done({"event": "start", "start_epoch": 4, "steps_per_epoch": 4, "train_images": 8, "val_images": 2,
           "device": "cpu", "precision": "fp32"})  # fmt: skip
     assert not done.progress.tasks[0].visible
+
+
+def test_retrain_names_the_option_at_fault(tmp_path):
+    bad_json = run("retrain", "--images", str(tmp_path), "--labels", str(tmp_path), "--model-config", "{bad",
+                   cwd=tmp_path)  # fmt: skip
+    assert bad_json.returncode == 2 and bad_json.stderr.startswith("error: --model-config: Expecting property name")
+    half = run("retrain", "--images", str(tmp_path), "--labels", str(tmp_path), "--val-labels", str(tmp_path),
+               cwd=tmp_path)  # fmt: skip
+    assert half.returncode == 2 and "give both --val-images and --val-labels, or neither" in half.stderr

@@ -385,6 +385,9 @@ def test_enqueue_command_prints_the_job_id(tmp_path, db, redis_url, queue):
     job_id = int(done.stdout.strip())
     assert "2 images enqueued in 1 messages" in done.stderr
     assert queued(redis_url, queue)[0]["kwargs"]["job_id"] == job_id
+    again = run_cli("enqueue", str(tmp_path / "in"), "--queue", queue, env=env)
+    assert again.returncode == 0 and "0 images enqueued" in again.stderr
+    assert "all 2 files are unchanged since an earlier job" in again.stderr and "--force" in again.stderr
 
     missing = run_cli("enqueue", str(tmp_path / "nope"), "--queue", queue, env=env)
     assert missing.returncode == 1 and "cannot read" in missing.stderr and missing.stdout == ""
@@ -405,6 +408,11 @@ def test_requeue_command_sends_a_jobs_pending_images_again(tmp_path, db, redis_u
     [message] = queued(redis_url, queue)
     assert message["kwargs"]["job_id"] == first.job_id and len(message["kwargs"]["images"]) == 2
     assert run_cli("requeue", str(first.job_id), "--queue", queue, env=env).stdout.strip() == "2"
+    redis.Redis.from_url(redis_url).delete(queue)
+    touch_images(tmp_path / "more", [])
+    run_cli("enqueue", str(tmp_path / "more"), "--queue", queue, "--job", "empty", env=env)
+    nothing = run_cli("requeue", "empty", "--queue", queue, env=env)
+    assert nothing.stdout.strip() == "0" and "no pending images in job empty" in nothing.stderr
     missing = run_cli("requeue", "nosuch", "--queue", queue, env=env)
     assert missing.returncode == 1 and "no job nosuch" in missing.stderr
 

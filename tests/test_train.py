@@ -243,7 +243,14 @@ def test_train_command_reports_bad_input(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 1
     assert "error" in proc.stderr and "missing" in proc.stderr
+    assert "loss" not in proc.stderr  # no empty progress bar above the error
     assert not (tmp_path / "x.safetensors").exists()
+    half = subprocess.run(
+        [str(CLI), "train", "--images", str(tmp_path), "--labels", str(tmp_path), "--val-images", str(tmp_path),
+         "--out", str(tmp_path / "x.safetensors")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert half.returncode == 2 and "give both --val-images and --val-labels" in half.stderr
 
 
 def test_runs_that_cannot_work_are_refused_before_training(data: Path, tmp_path: Path) -> None:
