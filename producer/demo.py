@@ -85,6 +85,12 @@ def run_demo(
 
     from core.checkpoint import default_checkpoint_path
 
+    from worker.main import WorkerConfigError, worker_argv
+
+    try:  # the worker would refuse these options only after the images are made
+        worker_argv(concurrency=concurrency, device=device)
+    except WorkerConfigError as exc:
+        raise DemoError(str(exc)) from None
     console = console or Console(stderr=True)
     settings = get_settings()
     checkpoint = settings.checkpoint or default_checkpoint_path()

@@ -104,3 +104,14 @@ def test_demo_refuses_a_workdir_holding_other_files(tmp_path, monkeypatch):
     assert prepare_workdir(tmp_path / "new" / "demo").is_dir()
     result = CliRunner().invoke(app, ["demo", "--count", "2", "--workdir", str(tmp_path / "file")])
     assert result.exit_code == 1 and "is a file" in result.output
+
+
+def test_demo_refuses_worker_options_before_making_anything(tmp_path):
+    """``--device gpu`` used to be refused by the worker only after the images were made and Redis started."""
+    from producer.demo import DemoError, run_demo
+
+    with pytest.raises(DemoError, match="--device 'gpu': expected auto, cpu, cuda or cuda:N"):
+        run_demo(tmp_path / "demo", count=5, device="gpu")
+    with pytest.raises(DemoError, match="one worker per GPU"):
+        run_demo(tmp_path / "demo", count=5, device="cuda", concurrency=2)
+    assert not (tmp_path / "demo").exists()
