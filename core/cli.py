@@ -1142,6 +1142,11 @@ def main() -> None:
     (``CAPTCHA_DEBUG=1`` shows the traceback all the same)."""
     import os
 
+    from core.config import unknown_variables
+
+    for name, meant in unknown_variables(os.environ):
+        hint = f"; did you mean {meant}?" if meant else " (the README's Configuration lists the settings)"
+        typer.echo(f"warning: {name} is not a setting and is ignored{hint}", err=True)
     try:
         app()
     except Exception as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -74,6 +75,28 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+
+# variables that are not settings: read by the program (DEBUG) or by docker-compose.yml (DATA, the image folder)
+NOT_SETTINGS = ("CAPTCHA_DEBUG", "CAPTCHA_DATA")
+NOT_SETTINGS_PREFIXES = ("CAPTCHA_TEST_",)  # the test suite's own
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``CAPTCHA_*`` variables in ``environ`` that name no setting, each with the setting it most likely meant (or
+    None): a mistyped one (``CAPTCHA_BROKER``) is otherwise ignored, and the default quietly used in its place."""
+    import difflib
+
+    known = [f"CAPTCHA_{name.upper()}" for name in Settings.model_fields]
+    found = []
+    for name in sorted(environ):
+        if not name.startswith("CAPTCHA_") or name in known or name in NOT_SETTINGS or name.startswith(
+            NOT_SETTINGS_PREFIXES
+        ):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        found.append((name, close[0] if close else None))
+    return found
 
 
 @lru_cache(maxsize=1)

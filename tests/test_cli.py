@@ -123,3 +123,12 @@ def test_retrain_names_the_option_at_fault(tmp_path):
     half = run("retrain", "--images", str(tmp_path), "--labels", str(tmp_path), "--val-labels", str(tmp_path),
                cwd=tmp_path)  # fmt: skip
     assert half.returncode == 2 and "give both --val-images and --val-labels, or neither" in half.stderr
+
+
+def test_a_mistyped_setting_is_named_not_silently_ignored(tmp_path):
+    out = run("--help", cwd=tmp_path, CAPTCHA_BROKER="redis://elsewhere:6379/0", CAPTCHA_NOTHING_LIKE_IT="1")
+    assert out.returncode == 0
+    assert "warning: CAPTCHA_BROKER is not a setting and is ignored; did you mean CAPTCHA_BROKER_URL?" in out.stderr
+    assert "warning: CAPTCHA_NOTHING_LIKE_IT is not a setting" in out.stderr
+    quiet = run("--help", cwd=tmp_path, CAPTCHA_DATA="/data", CAPTCHA_BROKER_URL="redis://127.0.0.1:6379/0")
+    assert "warning" not in quiet.stderr
