@@ -925,7 +925,8 @@ def _follow_run_loop(
             hinted.add("queued")
             typer.echo(
                 f"run {task_id[:8]} still queued after {queued_hint_s:.0f} s: is a worker consuming the '{queue}' "
-                f"queue (captcha-queue worker --queues {queue}), with the same CAPTCHA_DATABASE_URL as this command?",
+                f"queue (captcha-queue worker --queues {queue}), with the same CAPTCHA_DATABASE_URL as this command? "
+                f"(captcha-queue models cancel {task_id[:8]} withdraws it)",
                 err=True,
             )
         quiet = (utcnow() - run.updated_at).total_seconds() if run.updated_at else 0.0
@@ -1105,6 +1106,23 @@ def models_rollback(database_url: Optional[str] = typer.Option(None, help=DATABA
             raise _fail(CHAMPION_RACE) from None
         now = restored.version if restored else "no champion: workers serve the configured checkpoint"
         typer.echo(f"{retired.version} retired; champion: {now}")
+
+
+@models_app.command("cancel")
+def models_cancel(
+    task: str = typer.Argument(..., help="Task id of a queued run, or its first characters as `models` shows them."),
+    database_url: Optional[str] = typer.Option(None, help=DATABASE_URL_HELP),
+) -> None:
+    """Cancel a training run that no worker has taken yet (sent to a queue nobody reads, say)."""
+    from core.retrain import RetrainError, cancel_run
+
+    with _models_session(database_url) as session:
+        try:
+            run = cancel_run(session, task)
+            session.commit()
+        except RetrainError as exc:
+            raise _fail(str(exc)) from None
+        typer.echo(f"run {run.task_id[:8]} cancelled")
 
 
 def _user_error(exc: Exception) -> str | None:

@@ -201,6 +201,26 @@ def fail_queued_run(sessions: sessionmaker, task_id: str, reason: str) -> bool:
         ).rowcount == 1
 
 
+def cancel_run(session: Session, task: str) -> TrainingRun:
+    """Mark the ``queued`` run whose task id is or starts with ``task`` (as ``models`` prints it) ``failed``
+    ("cancelled"), so a worker that receives it later does not train it (flushed, uncommitted). ``RetrainError``
+    when no run, several runs or a run no longer queued matches: a running run cannot be stopped from here."""
+    if not TASK_ID.fullmatch(task):
+        raise RetrainError(f"{task!r} is not a task id")
+    runs = session.scalars(select(TrainingRun).where(TrainingRun.task_id.startswith(task, autoescape=True))).all()
+    if not runs:
+        raise RetrainError(f"no training run {task}")
+    if len(runs) > 1:
+        raise RetrainError(f"{task} names {len(runs)} training runs; give more of the task id")
+    run = runs[0]
+    if run.status != "queued":
+        raise RetrainError(f"run {run.task_id[:8]} is {run.status}: only a queued run can be cancelled")
+    now = utcnow()
+    run.status, run.error, run.finished_at, run.updated_at = "failed", "cancelled before a worker took it", now, now
+    session.flush()
+    return run
+
+
 def _update_run(sessions: sessionmaker, task_id: str, **values: Any) -> None:
     with sessions() as session, session.begin():
         session.execute(update(TrainingRun).where(TrainingRun.task_id == task_id).values(updated_at=utcnow(), **values))
@@ -303,7 +323,7 @@ def run_retrain(
     from core.train import TrainConfig, train_model
 
     if not claim_run(sessions, task_id, request, worker_name()):
-        log.warning("training task %s was already claimed: skipping this delivery", task_id)
+        log.warning("training task %s was already claimed or cancelled: skipping this delivery", task_id)
         return RetrainOutcome(status="skipped")
     store = Path(store or get_settings().checkpoint_dir).resolve()
     staging: Path | None = None

@@ -107,6 +107,33 @@ def test_a_refused_request_fails_its_queued_run(env, data, sqlite_url, monkeypat
         assert run.error == "request refused: unknown retrain request fields: new_option"
 
 
+def test_a_cancelled_run_is_never_trained(env, data, sqlite_url):
+    """A run sent to a queue nobody reads stays queued; ``models cancel`` fails it, and a worker that receives its
+    message later does not train it. Only a queued run can be cancelled, named by its first characters."""
+    from typer.testing import CliRunner
+
+    from core.cli import app
+    from core.retrain import create_run
+
+    sessions, store = env
+    with sessions() as session, session.begin():
+        create_run(session, "abcd1234-0000", request(data))
+        create_run(session, "abcd5678-0000", request(data))
+    runner = CliRunner()
+    ambiguous = runner.invoke(app, ["models", "cancel", "abcd", "--database-url", sqlite_url])
+    assert ambiguous.exit_code == 1 and "names 2 training runs" in ambiguous.output
+    done = runner.invoke(app, ["models", "cancel", "abcd1234", "--database-url", sqlite_url])
+    assert done.exit_code == 0 and "run abcd1234 cancelled" in done.output
+    again = runner.invoke(app, ["models", "cancel", "abcd1234", "--database-url", sqlite_url])
+    assert again.exit_code == 1 and "is failed: only a queued run can be cancelled" in again.output
+    outcome = run_retrain("abcd1234-0000", request(data), sessions)
+    assert outcome.status == "skipped" and outcome.version is None
+    with sessions() as session:
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "abcd1234-0000"))
+        assert run.status == "failed" and run.error == "cancelled before a worker took it"
+        assert list_versions(session) == []
+
+
 def test_retrain_publishes_promotes_and_rolls_back(env, data, configured):
     sessions, store = env
     progress: list[dict] = []
@@ -451,6 +478,7 @@ def test_waiting_on_a_run_that_stays_queued_says_why_and_stops_on_ctrl_c(env, da
     err = capsys.readouterr().err
     assert err.count("still queued") == 1
     assert "consuming the 'gpu-train' queue (captcha-queue worker --queues gpu-train)" in err
+    assert "(captcha-queue models cancel task-que withdraws it)" in err
     assert "stopped waiting; run task-que goes on" in err
     with sessions() as session:
         assert session.scalar(sa.select(TrainingRun.status).where(TrainingRun.task_id == "task-queued")) == "queued"
