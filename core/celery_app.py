@@ -67,6 +67,8 @@ class CeleryConfig:
     }
 
     include = ["worker.tasks", "worker.train_task"]
+    # no malformed message stops a worker, and compressed ones are refused (see worker.consumer)
+    worker_consumer = "worker.consumer:GuardedConsumer"
     worker_send_task_events = True
     task_send_sent_event = False
 

@@ -66,6 +66,54 @@ def test_a_pickled_message_is_refused_by_a_real_worker(tmp_path, redis_url, sqli
         redis.Redis.from_url(redis_url).delete(queue)
 
 
+def test_malformed_and_compressed_messages_are_dropped_and_the_worker_goes_on(tmp_path, redis_url, sqlite_url):
+    """A body that is not Celery's ``[args, kwargs, embed]``, a list as the task name, a non-numeric time limit: any
+    of them used to end the worker (exit status 0), and the message, back on the queue, the next worker too. A
+    compressed message (kombu would inflate a 1 KB bzip2 bomb to gigabytes first) is refused as well."""
+    import redis
+    from kombu import Producer
+
+    from db.session import upgrade
+    from worker.process import WorkerProcess
+
+    upgrade(sqlite_url)
+    queue = f"sec-{uuid.uuid4().hex[:8]}"
+    env = {"CAPTCHA_BROKER_URL": redis_url, "CAPTCHA_DATABASE_URL": sqlite_url, "CAPTCHA_DEVICE": "cpu"}
+    good = [[], {"job_id": 1, "images": []}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+
+    def headers(**changes):
+        return {"lang": "py", "task": DECODE_TASK, "id": str(uuid.uuid4()), "retries": 0, "timelimit": [None, None],
+                "root_id": None, "parent_id": None, "argsrepr": "", "kwargsrepr": "", **changes}  # fmt: skip
+
+    try:
+        with WorkerProcess(tmp_path / "worker.log", queues=queue, env=env) as worker:
+            with app.connection_for_write(redis_url) as conn:
+                producer = Producer(conn.default_channel)
+                for body, head, options in (
+                    ([1], headers(), {}),
+                    ({"a": 1}, headers(), {}),
+                    (good, headers(task=["not", "a", "name"]), {}),
+                    (good, headers(timelimit="x"), {}),
+                    (good, headers(), {"compression": "bzip2"}),
+                    (good, headers(id="the-good-one"), {}),
+                ):
+                    producer.publish(body, routing_key=queue, headers=head, serializer="json", **options)
+            deadline = time.monotonic() + 60
+            while "the-good-one" not in worker.log() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            while "succeeded" not in worker.log().split("the-good-one")[-1] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            log = worker.log()
+            assert worker.process.poll() is None, log[-3000:]
+            assert log.count("rejecting a malformed message") >= 4, log[-3000:]
+            assert "Task worker.decode[the-good-one] succeeded" in log, log[-3000:]
+        client = redis.Redis.from_url(redis_url)
+        assert client.llen(queue) == 0  # dropped, not back on the queue for the next worker
+        client.close()
+    finally:
+        redis.Redis.from_url(redis_url).delete(queue)
+
+
 def test_celery_accepts_json_only():
     from kombu.exceptions import ContentDisallowed
     from kombu.serialization import dumps, loads
