@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         "auto", description="Inference precision: bf16 autocast where the hardware has it natively (auto), or fixed"
     )
     batch_size: int = Field(32, ge=1, description="Images per inference batch in a worker")
-    paths_per_message: int = Field(64, ge=1, description="Image paths carried by one broker message")
+    paths_per_message: int = Field(64, ge=1, le=10_000, description="Image paths carried by one broker message")
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories images may be read from (JSON list or comma-separated); empty = anywhere",

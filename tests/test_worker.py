@@ -99,6 +99,15 @@ def test_parse_images_accepts_pairs_and_rejects_anything_else():
                 [[0, "/a.png"]], [[-1, "/a.png"]], [[2**31, "/a.png"]], [[2**40, "/a.png"]]):  # ids no INTEGER id can be
         with pytest.raises(MessageError):
             parse_images(bad)
+    # an image listed again is decoded once; a message is at most MAX_MESSAGE_IMAGES long, and says so briefly
+    assert parse_images([[1, "/a.png"], [2, "/b.png"], [1, "/a.png"]]) == [(1, "/a.png"), (2, "/b.png")]
+    from worker.decode import MAX_MESSAGE_IMAGES
+
+    with pytest.raises(MessageError, match=f"more than {MAX_MESSAGE_IMAGES}"):
+        parse_images([[1, "/a.png"]] * (MAX_MESSAGE_IMAGES + 1))
+    with pytest.raises(MessageError) as exc:
+        parse_images([["x" * 5_000_000, "/a.png"]])
+    assert len(str(exc.value)) < 200
 
 
 def test_plan_batches_orders_by_aspect_and_covers_every_image_once(captchas, tmp_path):
@@ -304,6 +313,8 @@ def test_task_rejects_a_malformed_message(task_env):
 
     result = task_env.apply(kwargs={"job_id": 1, "images": "/etc/passwd"})
     assert isinstance(result.result, Reject)
+    result = task_env.apply(kwargs={"job_id": "x" * 100_000, "images": []})  # copied into every log line otherwise
+    assert isinstance(result.result, Reject) and "job_id must be a whole number" in str(result.result)
 
 
 def test_task_marks_images_failed_when_the_detector_cannot_load(task_env, monkeypatch, tmp_path, captchas, sqlite_url):

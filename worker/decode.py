@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import reprlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,8 @@ from core.images import ImageError, load_image, read_aspect
 from core.paths import is_allowed, safe_text, text_to_path
 from db.models import MAX_ID, Result
 from db.repository import CharOutcome, ImageOutcome, fail_pending, record_outcomes, stored_paths
+
+MAX_MESSAGE_IMAGES = 10_000  # a message carries Settings.paths_per_message images (default 64, at most this)
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,13 @@ class _Loaded:
 
 
 def parse_images(raw: object) -> list[tuple[int, str]]:
-    """Validate a message's ``images`` field (JSON: ``[[image_id, path], ...]``)."""
+    """Validate a message's ``images`` field (JSON: ``[[image_id, path], ...]``, at most ``MAX_MESSAGE_IMAGES``);
+    an image listed twice is decoded once."""
     if not isinstance(raw, list):
         raise MessageError(f"'images' must be a list, got {type(raw).__name__}")
-    parsed = []
+    if len(raw) > MAX_MESSAGE_IMAGES:
+        raise MessageError(f"{len(raw)} images in one message, more than {MAX_MESSAGE_IMAGES}")
+    parsed: dict[tuple[int, str], None] = {}
     for entry in raw:
         if (
             not isinstance(entry, (list, tuple))
@@ -68,11 +74,11 @@ def parse_images(raw: object) -> list[tuple[int, str]]:
             or isinstance(entry[0], bool)
             or not isinstance(entry[1], str)
         ):
-            raise MessageError(f"malformed entry {entry!r}: expected [image_id, path]")
+            raise MessageError(f"malformed entry {reprlib.repr(entry)}: expected [image_id, path]")
         if not 1 <= entry[0] <= MAX_ID:
             raise MessageError(f"image id {entry[0]} out of range (1 to {MAX_ID})")
-        parsed.append((entry[0], entry[1]))
-    return parsed
+        parsed[(entry[0], entry[1])] = None
+    return list(parsed)
 
 
 def _resolve(path: str) -> str | None:

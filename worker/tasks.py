@@ -53,8 +53,11 @@ class DecodeTask(Task):
 def decode(self: DecodeTask, job_id: int, images: list) -> dict:
     """Decode one message's images (``[[image_id, path], ...]`` of job ``job_id``) and record the outcomes."""
     try:
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise MessageError(f"job_id must be a whole number, got {type(job_id).__name__}")
         items = parse_images(images)
     except MessageError as exc:
+        job_id = job_id if isinstance(job_id, int) else "?"
         log.error("job %s: rejecting malformed message: %s", job_id, exc)
         raise Reject(str(exc), requeue=False) from exc
     items, foreign = registered_items(session_factory(get_settings().database_url), items)
