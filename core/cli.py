@@ -407,7 +407,9 @@ def _version_number(text: str) -> int:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    from core.config import mask_urls_in
+
+    typer.echo(f"error: {mask_urls_in(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -1160,7 +1162,7 @@ def main() -> None:
     (``CAPTCHA_DEBUG=1`` shows the traceback all the same)."""
     import os
 
-    from core.config import unknown_variables
+    from core.config import mask_urls_in, unknown_variables
 
     for name, meant in unknown_variables(os.environ):
         hint = f"; did you mean {meant}?" if meant else " (the README's Configuration lists the settings)"
@@ -1171,7 +1173,7 @@ def main() -> None:
         message = _user_error(exc)
         if message is None or os.environ.get("CAPTCHA_DEBUG"):
             raise
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {mask_urls_in(message)}", err=True)  # a driver's message may quote the URL whole
         raise SystemExit(1) from None
 
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -106,15 +105,27 @@ def get_settings() -> Settings:
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for logs and CLI output)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """Return ``url`` with any password replaced by ``***`` (for logs and CLI output): the one in its user part, which
+    may hold characters that a URL parser would take for the start of a path, a query or a fragment (``#``, ``/``,
+    ``?``), and a ``password=`` query parameter."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        at = rest.rfind("@")
+        userinfo = rest[:at] if at >= 0 else ""
+        if ":" in userinfo.split("/", 1)[0] or (":" in userinfo and "/" not in userinfo):
+            user = userinfo[: userinfo.index(":")]
+            rest = f"{user}:***@{rest[at + 1:]}"
+        url = f"{scheme}{sep}{rest}"
+    else:  # not a URL, perhaps one with a typo ("postgresql//user:pw@host"): still no password shown
+        url = _USER_PASSWORD.sub(r"\1:***@", url)
+    return _PASSWORD_PARAMETER.sub(r"\1***", url)
+
+
+_PASSWORD_PARAMETER = re.compile(r"(?i)\b((?:password|passwd|pwd)=)[^&#\s]*")
+_USER_PASSWORD = re.compile(r"(//[^\s/:@]*):[^\s@]+@")
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+
+
+def mask_urls_in(text: str) -> str:
+    """``text`` with every URL in it passed through ``mask_url`` (for error messages that quote a URL)."""
+    return _USER_PASSWORD.sub(r"\1:***@", _URL.sub(lambda match: mask_url(match.group(0)), text))

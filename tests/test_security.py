@@ -174,6 +174,8 @@ def test_no_code_unpickles():
         f"redis://default:{SECRET}@redis.internal/0",
         f"postgresql+psycopg://captcha:{SECRET}@db.internal:5432/captcha",
         f"postgresql+psycopg://captcha:{SECRET}%40x@db.internal/captcha?sslmode=require",
+        f"postgresql+psycopg://captcha:{SECRET}#/?x@db.internal:5432/captcha",  # what a URL parser takes for more
+        f"redis://:{SECRET}@redis.internal:99999/0",  # a port no parser accepts
     ],
 )
 def test_mask_url_hides_the_password_and_keeps_the_rest(url):
@@ -181,6 +183,8 @@ def test_mask_url_hides_the_password_and_keeps_the_rest(url):
     assert SECRET not in masked and "***" in masked
     assert masked.split("@")[-1] == url.split("@")[-1]
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert mask_url("sqlite:////data/a@b.db") == "sqlite:////data/a@b.db"
+    assert mask_url(f"postgresql+psycopg://u@h/db?password={SECRET}&x=1") == "postgresql+psycopg://u@h/db?password=***&x=1"
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -199,6 +203,8 @@ def test_cli_output_never_shows_a_password(tmp_path):
         run_cli("db", "upgrade", CAPTCHA_DATABASE_URL=bad_db),
         run_cli("enqueue", str(tmp_path / "in"), CAPTCHA_DATABASE_URL=db, CAPTCHA_BROKER_URL=bad_broker),
         run_cli("status", CAPTCHA_DATABASE_URL=db, CAPTCHA_BROKER_URL=bad_broker),
+        run_cli("results", CAPTCHA_DATABASE_URL=f"postgresql+psycopg://captcha:{SECRET}#x@127.0.0.1:1/captcha"),
+        run_cli("results", CAPTCHA_DATABASE_URL=f"postgresql+psycopg//captcha:{SECRET}@127.0.0.1/captcha"),  # typo
     ]
     for out in outputs:
         text = out.stdout + out.stderr
