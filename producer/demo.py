@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.config import get_settings, mask_url
@@ -175,9 +176,9 @@ def print_report(report: DemoReport, console: Console, shown: int = 20) -> None:
     for column in ("file", "label", "decoded", "score", ""):
         table.add_column(column)
     for row in report.rows[:shown]:
-        name = Path(row["path"]).name
-        label = text_from_filename(name) or ""
-        decoded = row["text"] if row["status"] == "done" else f"[red]{row['status']}: {row['error']}[/]"
+        name = escape(Path(row["path"]).name)
+        label = text_from_filename(Path(row["path"]).name) or ""
+        decoded = row["text"] if row["status"] == "done" else f"[red]{row['status']}: {escape(row['error'] or '')}[/]"
         score = f"{row['score']:.2f}" if row["score"] is not None else ""
         mark = "[green]✓[/]" if row["text"] == label else "[red]✗[/]"
         table.add_row(name, label, decoded, score, mark)

@@ -288,3 +288,18 @@ def test_empty_sqlite_file_without_schema_is_reported(tmp_path):
     assert out.exit_code == 1 and "no captcha-queue schema" in out.stderr
     dispose_engines()
 
+
+
+def test_tables_print_paths_and_names_as_they_are(db_url, settings_env):
+    """Square brackets in a path or a job name are text, not rich markup: ``a[/b].png`` used to crash ``results``
+    (MarkupError) and ``[bold]x.png`` to print as ``x.png``; control characters cannot reach the terminal."""
+    with session_factory(db_url)() as session:
+        job = create_job(session, "[/odd]")
+        register_images(session, job, [("/d/a[/b].png", 1, 1), ("/d/[bold]x\x1b[31m.png", 1, 1)])
+        session.commit()
+    out = run("results", "--database-url", db_url)
+    assert out.exit_code == 0, out.output
+    assert "/d/a[/b].png" in out.stdout and "/d/[bold]x" in out.stdout and "\x1b" not in out.stdout
+    out = run("status", "--database-url", db_url)
+    assert out.exit_code == 0, out.output
+    assert "[/odd]" in out.stdout
