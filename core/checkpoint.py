@@ -75,14 +75,27 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``): setting it to
+    read it would, for that moment, make files that another thread creates world-writable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # elsewhere: briefly stricter, never looser
+    os.umask(umask)
+    return umask
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder (fsync, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; published files get the usual permissions
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; published files get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

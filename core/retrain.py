@@ -322,6 +322,8 @@ def run_retrain(
     from core.checkpoint import load_checkpoint
     from core.train import TrainConfig, train_model
 
+    if not isinstance(task_id, str) or not TASK_ID.fullmatch(task_id):
+        check_request(task_id, request)  # raises: such an id is neither stored nor used as a name
     if not claim_run(sessions, task_id, request, worker_name()):
         log.warning("training task %s was already claimed or cancelled: skipping this delivery", task_id)
         return RetrainOutcome(status="skipped")

@@ -91,6 +91,12 @@ def test_save_leaves_no_temporary_files_and_overwrites(model, tmp_path: Path) ->
     os.umask(umask)
     assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o666 & ~umask}  # not mkstemp's 0600
     assert read_metadata(tmp_path / "m.safetensors")["version"] == "b"
+    previous = os.umask(0o027)  # the umask is read, never set to 0 for a moment (another thread may create files)
+    try:
+        save_checkpoint(model, tmp_path / "strict.safetensors")
+        assert (tmp_path / "strict.safetensors").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
 
 
 def test_sha256_mismatch_is_refused(model, tmp_path: Path) -> None:

@@ -497,9 +497,8 @@ def test_a_task_id_that_is_not_a_plain_name_is_refused_and_removes_nothing(env, 
     with pytest.raises(RetrainError, match="refusing task id"):
         run_retrain(given, request(data, images=str(tmp_path / "nowhere")), sessions, store=store)
     assert (victim / "keep.txt").exists() and tmp_path.exists()
-    with sessions() as session:
-        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == given))
-        assert run.status == "failed" and "refusing task id" in run.error
+    with sessions() as session:  # nor stored: a column of 64 characters would refuse a longer one on PostgreSQL
+        assert session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == given)) is None
         assert list_versions(session) == []
 
 
