@@ -693,12 +693,15 @@ def enqueue(
     from rich.console import Console
 
     from core.config import mask_url
-    from db.session import database_url, upgrade
+    from db.session import SchemaError, database_url, prepare_schema
     from producer.enqueue import EnqueueError, enqueue as enqueue_images, wait_for_job
     from producer.scan import ScanError
 
     console = Console(stderr=True)
-    upgrade()  # a no-op on a current schema; lets a fresh SQLite file work without `db upgrade`
+    try:
+        prepare_schema()  # a new database gets its schema: a fresh SQLite file works without `db upgrade`
+    except SchemaError as exc:
+        raise _fail(str(exc)) from None
     try:
         with _sigterm_as_exit():  # images registered but not yet sent are marked failed on SIGTERM as on Ctrl-C
             report = enqueue_images(
@@ -848,7 +851,7 @@ def retrain(
     from core.celery_app import TRAIN_TASK, app as celery_app
     from core.registry import RegistryError, get_version
     from core.retrain import RetrainError, RetrainRequest, check_request, create_run
-    from db.session import session_factory, upgrade
+    from db.session import SchemaError, prepare_schema, session_factory
 
     try:
         network = json.loads(model_config)
@@ -875,7 +878,10 @@ def retrain(
         check_request(task_id, request)  # the workers check again, against their own CAPTCHA_ALLOWED_ROOTS
     except RetrainError as exc:
         raise _fail(str(exc), code=2) from None
-    upgrade(database_url)
+    try:
+        prepare_schema(database_url)
+    except SchemaError as exc:
+        raise _fail(str(exc)) from None
     sessions = session_factory(database_url)
     with sessions() as session, session.begin():
         if from_version is not None:

@@ -104,13 +104,39 @@ def alembic_config() -> Any:
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
-    """Migrate the database at ``url`` (default: ``Settings.database_url``) to ``revision``."""
+    """Migrate the database at ``url`` (default: ``Settings.database_url``) to ``revision``, in one transaction.
+
+    On SQLite the driver runs DDL outside the transaction SQLAlchemy begins, so an interrupted upgrade left some
+    tables and no revision (and every later upgrade failing on "table already exists"), and two processes upgrading
+    a new file at once collided. An explicit ``BEGIN IMMEDIATE`` makes the whole upgrade one transaction that a
+    second upgrader waits for (the busy timeout), then finds done.
+    """
     from alembic import command
 
     config = alembic_config()
-    with make_engine(url).begin() as connection:
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def prepare_schema(url: str | None = None) -> None:
+    """Create the schema of a database that has none (a new SQLite file works without ``db upgrade``); leave any
+    other alone. A schema older than this code raises ``SchemaError`` (migrating a shared database is an operator's
+    decision: ``captcha-queue db upgrade``); a newer one, migrated by a later release, is used as it is."""
+    current, head, known = schema_revisions(url)
+    if current is None:
+        upgrade(url)
+    elif current != head and current in known:
+        raise SchemaError(
+            f"the database schema is at revision {current}, this version needs {head}: run `captcha-queue db upgrade`"
+        )
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is older than this code."""
 
 
 def schema_revisions(url: str | None = None) -> tuple[str | None, str, set[str]]:

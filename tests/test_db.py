@@ -90,6 +90,72 @@ def test_upgrade_keeps_one_champion(request, backend):
     dispose_engines()
 
 
+def test_an_interrupted_sqlite_upgrade_leaves_nothing_and_runs_again(tmp_path, monkeypatch):
+    """SQLite ran each DDL statement outside the upgrade's transaction: a Ctrl-C in the middle left tables without
+    a revision, and every later upgrade then failed on "table jobs already exists"."""
+    from alembic import op
+
+    url = f"sqlite:///{tmp_path / 'half.db'}"
+    real, made = op.create_table, []
+
+    def interrupted(name, *columns, **kw):
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(name)
+        return real(name, *columns, **kw)
+
+    monkeypatch.setattr(op, "create_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        upgrade(url)
+    assert len(made) == 2
+    assert sa.inspect(make_engine(url)).get_table_names() == []
+    monkeypatch.setattr(op, "create_table", real)
+    upgrade(url)
+    assert {"jobs", "images", "results", "alembic_version"} <= set(sa.inspect(make_engine(url)).get_table_names())
+    dispose_engines()
+
+
+def _upgrade_in_a_process(url: str, ready, go) -> None:
+    from alembic import command  # noqa: F401  (imported before the start, so that all begin at once)
+
+    ready.release()
+    go.wait(60)
+    upgrade(url)
+
+
+def test_processes_upgrading_a_new_sqlite_file_at_once_all_succeed(tmp_path):
+    """Two ``enqueue`` runs on a new file both create its schema: the second waits for the first, then finds it."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    context = multiprocessing.get_context("spawn")
+    ready, go = context.Semaphore(0), context.Event()
+    workers = [context.Process(target=_upgrade_in_a_process, args=(url, ready, go)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        assert ready.acquire(timeout=60)
+    go.set()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+
+
+def test_prepare_schema_creates_a_new_one_and_leaves_others_to_db_upgrade(tmp_path):
+    from db.session import SchemaError, prepare_schema, schema_revisions
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    prepare_schema(url)
+    current, head, _ = schema_revisions(url)
+    assert current == head
+    older = f"sqlite:///{tmp_path / 'older.db'}"
+    upgrade(older, revision="0002")
+    with pytest.raises(SchemaError, match="at revision 0002, this version needs .*: run `captcha-queue db upgrade`"):
+        prepare_schema(older)
+    with make_engine(url).begin() as connection:  # migrated by a later release: used as it is, not "upgraded"
+        connection.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    prepare_schema(url)
+    dispose_engines()
+
+
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(sqlite_url):
     upgrade(sqlite_url)
     with make_engine(sqlite_url).connect() as conn:
