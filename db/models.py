@@ -101,6 +101,7 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "path"),
         Index("ix_images_job_id_status", "job_id", "status"),
+        Index("ix_images_job_id_id", "job_id", "id"),  # a job's images in id order, a page at a time
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -63,7 +63,7 @@ def test_upgrade_is_idempotent_and_runs_from_any_cwd(tmp_path, monkeypatch):
     upgrade(url)
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     with make_engine(url).connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == head == "0003"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == head == "0004"
     dispose_engines()
 
 

@@ -303,3 +303,32 @@ def test_tables_print_paths_and_names_as_they_are(db_url, settings_env):
     out = run("status", "--database-url", db_url)
     assert out.exit_code == 0, out.output
     assert "[/odd]" in out.stdout
+
+
+def test_a_jobs_pages_are_read_through_the_job_and_id_index(sqlite_url):
+    """``results --job`` reads a job a page at a time in id order: on SQLite without a (job_id, id) index every page
+    sorted the whole job again (a temporary B-tree), work growing with the square of the job's size."""
+    from sqlalchemy import event
+
+    upgrade(sqlite_url)
+    with session_factory(sqlite_url)() as session:
+        job = create_job(session, "big")
+        register_images(session, job, [(f"/d/{k}.png", 1, 1) for k in range(50)])
+        session.commit()
+        engine = session.get_bind()
+        statements: list[tuple[str, tuple]] = []
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            if "FROM images" in statement and "ORDER BY images.id" in statement:
+                statements.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            assert len(query_results(session, job=job.id)) == 50
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        statement, parameters = statements[0]
+        plan = " ".join(row[-1] for row in session.connection().exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + statement, parameters))  # fmt: skip
+    assert "ix_images_job_id_id" in plan and "TEMP B-TREE" not in plan, plan
+    dispose_engines()
