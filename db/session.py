@@ -122,6 +122,18 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def refresh_statistics(session: Session) -> None:
+    """On SQLite, refresh the query planner's statistics (``ANALYZE``, approximate: at most a few hundred rows per
+    index, so milliseconds even on millions of rows). Without any, SQLite takes every index for selective and looks
+    up one path's result through the index on ``status`` (a scan of every done image) instead of the one on
+    ``path``. PostgreSQL keeps its own statistics (autovacuum). Commits nothing the session holds."""
+    if session.get_bind().dialect.name != "sqlite":
+        return
+    connection = session.connection()
+    connection.exec_driver_sql("PRAGMA analysis_limit=400")
+    connection.exec_driver_sql("ANALYZE")
+
+
 def prepare_schema(url: str | None = None) -> None:
     """Create the schema of a database that has none (a new SQLite file works without ``db upgrade``); leave any
     other alone. A schema older than this code raises ``SchemaError`` (migrating a shared database is an operator's

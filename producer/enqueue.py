@@ -170,7 +170,7 @@ def enqueue(
     publishing fails midway (the unsent images are marked failed).
     """
     from db.repository import create_job, register_images
-    from db.session import session_factory
+    from db.session import refresh_statistics, session_factory
 
     settings = get_settings()
     per_message = paths_per_message or settings.paths_per_message
@@ -230,6 +230,8 @@ def enqueue(
                         "Enqueue the same folders again to retry them."
                     ) from exc
                 enqueued += len(todo)
+            refresh_statistics(session)  # what a job added changes the planner's best indexes
+            session.commit()
 
     return EnqueueReport(
         job_id=job_id,

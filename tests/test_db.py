@@ -116,8 +116,9 @@ def test_an_interrupted_sqlite_upgrade_leaves_nothing_and_runs_again(tmp_path, m
 
 
 def _upgrade_in_a_process(url: str, ready, go) -> None:
-    from alembic import command  # noqa: F401  (imported before the start, so that all begin at once)
+    import alembic.command
 
+    assert alembic.command.upgrade  # imported before the start, so that all begin at once
     ready.release()
     go.wait(60)
     upgrade(url)

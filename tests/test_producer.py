@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from brokers import stalling_proxy
 from processes import interrupt_when
+from db.session import session_factory
 from producer.enqueue import EnqueueError, enqueue
 from producer.scan import ScanError, scan
 
@@ -172,6 +173,8 @@ def test_enqueue_registers_and_sends_ids_and_paths_in_groups(tmp_path, db, redis
     assert sent == [(image_id, path) for image_id, _, path, _, _ in registered]
     assert [p for _, p in sent] == [str(p) for p in paths]
     assert {status for *_, status, _ in registered} == {"pending"}
+    with session_factory(db)() as session:  # the planner's statistics were refreshed for what the job added
+        assert session.execute(sa.text("SELECT count(*) FROM sqlite_stat1 WHERE tbl = 'images'")).scalar() > 0
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -332,3 +332,39 @@ def test_a_jobs_pages_are_read_through_the_job_and_id_index(sqlite_url):
             "EXPLAIN QUERY PLAN " + statement, parameters))  # fmt: skip
     assert "ix_images_job_id_id" in plan and "TEMP B-TREE" not in plan, plan
     dispose_engines()
+
+
+def test_after_an_enqueue_one_paths_result_is_looked_up_by_path(sqlite_url):
+    """Without statistics SQLite took the index on status (a scan of every done image) to find one path's result;
+    ``enqueue`` refreshes them (``refresh_statistics``), and the lookup goes through the index on path."""
+    from sqlalchemy import event
+
+    from db.session import refresh_statistics
+
+    upgrade(sqlite_url)
+    with session_factory(sqlite_url)() as session:
+        job = create_job(session, "many")
+        register_images(session, job, [(f"/d/{k}.png", 1, 1) for k in range(500)])
+        session.execute(sa.update(Image).where(Image.id % 10 != 0).values(status="done"))
+        session.commit()
+        engine, statements = session.get_bind(), []
+
+        def plan() -> str:
+            statements.clear()
+            latest_result(session, "/d/5.png")
+            statement, parameters = statements[0]
+            rows = session.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
+            return " ".join(row[-1] for row in rows)
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            if "images.path =" in statement:
+                statements.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            refresh_statistics(session)
+            session.commit()
+            assert "USING INDEX ix_images_path" in plan()
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+    dispose_engines()
