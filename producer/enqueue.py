@@ -270,8 +270,10 @@ def wait_for_job(
     last_change, last_finished, stalled = started, -1, False
     with bar:
         while True:
+            asked = time.perf_counter()
             with factory() as session:
-                counts = job_counts(session, job_id)
+                counts = job_counts(session, job_id, times=False)
+            took = time.perf_counter() - asked
             finished = counts["done"] + counts["failed"]
             bar.update(task, total=counts["total"], completed=finished)
             if finished >= counts["total"]:
@@ -286,8 +288,11 @@ def wait_for_job(
                 break
             if alive is not None and not alive():
                 break
-            time.sleep(poll_s)
+            time.sleep(max(poll_s, 10 * took))  # the database's time goes to the workers, however large the job
 
+    with factory() as session:
+        counts = job_counts(session, job_id)
+    finished = counts["done"] + counts["failed"]
     seconds = time.perf_counter() - started
     first, last = counts.get("first_enqueued_at"), counts.get("last_finished_at")
     if first is not None and last is not None and finished >= counts["total"]:

@@ -368,3 +368,35 @@ def test_after_an_enqueue_one_paths_result_is_looked_up_by_path(sqlite_url):
         finally:
             event.remove(engine, "before_cursor_execute", capture)
     dispose_engines()
+
+
+def test_a_wait_poll_counts_through_the_index_alone(sqlite_url):
+    """``enqueue --wait`` asks for a job's counts every half second: they come from the (job_id, status) index
+    without reading the table (the times, which would read every row, are asked once at the end)."""
+    from sqlalchemy import event
+
+    from db.repository import job_counts
+
+    upgrade(sqlite_url)
+    with session_factory(sqlite_url)() as session:
+        job = create_job(session, "polled")
+        register_images(session, job, [(f"/d/{k}.png", 1, 1) for k in range(20)])
+        session.commit()
+        engine, statements = session.get_bind(), []
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            if "GROUP BY images.status" in statement:
+                statements.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            counts = job_counts(session, job.id, times=False)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        assert (counts["total"], counts["pending"], counts["first_enqueued_at"]) == (20, 20, None)
+        statement, parameters = statements[0]
+        plan = " ".join(row[-1] for row in session.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement,
+                                                                               parameters))  # fmt: skip
+        assert "COVERING INDEX ix_images_job_id_status" in plan, plan
+        assert job_counts(session, job.id)["first_enqueued_at"] is not None
+    dispose_engines()
