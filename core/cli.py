@@ -637,14 +637,14 @@ def render(
     if (image is None) == (job is None):
         raise _fail("give either IMAGE or --job", code=2)
     if job is not None:
-        from db.queries import query_results
+        from db.queries import iter_results
 
         session, url = _open_database(database_url)
+        out_dir = out_dir or Path("renders")
         with session:
             _require_job(session, url, job)
-            rows = query_results(session, job=job, status="done", limit=limit)
-        out_dir = out_dir or Path("renders")
-        written, errors = render_rows(rows, out_dir, scale=scale)
+            rows = iter_results(session, job=job, status="done", limit=limit)  # a page at a time, however many
+            written, errors = render_rows(rows, out_dir, scale=scale)
         for path, reason in errors.items():
             typer.echo(f"warning: {path}: {reason}", err=True)
         typer.echo(f"{len(written)} pictures written to {out_dir}")

@@ -7,7 +7,7 @@ box, then the image scaled by ``scale`` with the boxes drawn on it in a repeatin
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ def render_file(image_path: str | Path, out: str | Path, row: Mapping[str, Any],
     return out
 
 
-def render_rows(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, scale: int = 2) -> tuple[list[Path], dict]:
+def render_rows(rows: Iterable[Mapping[str, Any]], out_dir: str | Path, scale: int = 2) -> tuple[list[Path], dict]:
     """Render each decoded row of ``db.queries`` into ``out_dir/<image_id>-<stem>.png``.
 
     Rows hold paths in their stored text form (``core.paths.path_to_text``); the image is read, and ``<stem>``

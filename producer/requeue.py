@@ -13,6 +13,8 @@ from core.config import get_settings, mask_url
 from producer.aspect import by_aspect
 from producer.enqueue import EnqueueError, publish
 
+CHUNK = 20_000  # pending images read and sent at a time
+
 
 def requeue_pending(
     job_id: int | None = None,
@@ -34,21 +36,32 @@ def requeue_pending(
     settings = get_settings()
     per_message = paths_per_message or settings.paths_per_message
     broker_url = broker_url or settings.broker_url
-    stmt = sa.select(Image.job_id, Image.id, Image.path).where(Image.status == "pending").order_by(Image.id)
+    pending = sa.select(Image.job_id).where(Image.status == "pending").distinct().order_by(Image.job_id)
     if job_id is not None:
-        stmt = stmt.where(Image.job_id == job_id)
+        pending = pending.where(Image.job_id == job_id)
+    sent = 0
     with session_factory(database_url)() as session:
-        by_job: dict[int, list[tuple[int, str]]] = {}
-        for job, image_id, path in session.execute(stmt):
-            by_job.setdefault(job, []).append((image_id, path))
-    if not by_job:
-        return 0
-    with app.connection_for_write(broker_url) as conn:
-        try:
-            conn.ensure_connection(max_retries=1)
-        except Exception as exc:  # kombu wraps every transport error differently
-            raise EnqueueError(f"cannot reach the broker at {mask_url(broker_url)}: {exc}") from exc
-        with app.amqp.Producer(conn) as producer:
-            for job, images in by_job.items():  # ordered as enqueue orders them, so batches stay unpadded
-                publish(producer, job, by_aspect(images), queue, per_message)
-    return sum(len(images) for images in by_job.values())
+        jobs = session.scalars(pending).all()
+        if not jobs:
+            return 0
+        with app.connection_for_write(broker_url) as conn:
+            try:
+                conn.ensure_connection(max_retries=1)
+            except Exception as exc:  # kombu wraps every transport error differently
+                raise EnqueueError(f"cannot reach the broker at {mask_url(broker_url)}: {exc}") from exc
+            with app.amqp.Producer(conn) as producer:
+                for job in jobs:  # a chunk at a time (a million pending images never sit in memory at once),
+                    last_id = 0  # each ordered as enqueue orders them, so batches stay unpadded
+                    while True:
+                        chunk = session.execute(
+                            sa.select(Image.id, Image.path)
+                            .where(Image.job_id == job, Image.status == "pending", Image.id > last_id)
+                            .order_by(Image.id)
+                            .limit(CHUNK)
+                        ).all()
+                        if not chunk:
+                            break
+                        publish(producer, job, by_aspect([(i, p) for i, p in chunk]), queue, per_message)
+                        sent += len(chunk)
+                        last_id = chunk[-1][0]
+    return sent

@@ -223,6 +223,17 @@ def test_messages_group_images_of_similar_width_while_ids_follow_names(tmp_path,
     messages = [m["kwargs"]["images"] for m in queued(redis_url, queue)]
     assert [[Image.open(path).width for _, path in images] for images in messages] == sent_widths
 
+    import producer.requeue
+
+    redis.Redis.from_url(redis_url).delete(queue)  # read a few at a time: every pending image sent once
+    producer.requeue.CHUNK = 4
+    try:
+        assert requeue_pending(queue=queue, paths_per_message=3, database_url=db, broker_url=redis_url) == 6
+    finally:
+        producer.requeue.CHUNK = 20_000
+    sent = sorted(image_id for m in queued(redis_url, queue) for image_id, _ in m["kwargs"]["images"])
+    assert sent == [image_id for image_id, *_ in db_images(db)]
+
 
 def test_reenqueue_skips_unchanged_files_unless_forced_or_changed(tmp_path, db, redis_url, queue):
     from db.models import Image
