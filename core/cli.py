@@ -531,7 +531,7 @@ def status(
     console.print(f"database {mask_url(url)}, broker {mask_url(broker)}")
     console.print(summary)
     if recent:
-        table = Table("job", "name", "created", "total", "done", "failed", "pending", title="latest jobs")
+        table = Table("job", "name", "created (UTC)", "total", "done", "failed", "pending", title="latest jobs")
         for row in recent:
             table.add_row(
                 str(row["id"]), _plain(row["name"] or ""), f"{row['created_at']:%Y-%m-%d %H:%M:%S}", str(row["total"]),
@@ -1019,8 +1019,8 @@ def models_list(
         versions = list_versions(session)
         latest = session.scalars(sa.select(TrainingRun).order_by(TrainingRun.id.desc()).limit(runs)).all()
     console = _stdout()
-    table = Table("version", "status", "arch", "parent", "val seq acc", "baseline", "created", "promoted", "sha256",
-                  title="model versions")  # fmt: skip
+    table = Table("version", "status", "arch", "parent", "val seq acc", "baseline", "created (UTC)", "promoted (UTC)",
+                  "sha256", title="model versions")  # fmt: skip
     for v in versions:
         table.add_row(
             _plain(v.version), v.status, _plain(v.arch), f"v{v.parent}" if v.parent else "-",
