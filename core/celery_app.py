@@ -53,6 +53,8 @@ class CeleryConfig:
     result_accept_content = ["json"]
     event_serializer = "json"
 
+    # no results: a worker also refuses every compressed payload (worker.consumer.refuse_compressed), so a result
+    # backend, if one is ever set, must not use result_compression
     result_backend = None
     task_ignore_result = True
 

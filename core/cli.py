@@ -131,7 +131,7 @@ def train(
         if not isinstance(network, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        console.print(f"[red]error:[/red] --model-config: {_plain(exc)}")
+        console.print(_line("error:", "red", f"--model-config: {exc}"))
         raise typer.Exit(2) from None
     if (val_images is None) != (val_labels is None):
         console.print("[red]error:[/red] give both --val-images and --val-labels, or neither (validation is then "
@@ -149,7 +149,7 @@ def train(
         with on_progress.progress:
             result = train_model(cfg, on_progress)
     except (CheckpointError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {_plain(exc)}")
+        console.print(_line("error:", "red", exc))
         raise typer.Exit(1) from None
     m = result.metrics
     typer.echo(
@@ -190,7 +190,7 @@ def eval_command(
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             )  # fmt: skip
     except (CheckpointError, NotADirectoryError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {_plain(exc)}")
+        err.print(_line("error:", "red", exc))
         raise typer.Exit(1) from None
     if report.images == 0 and not report.unreadable:
         raise _fail(f"no image files in {images} (.png, .jpg, .jpeg, .bmp, .webp: give the folder that holds them)")
@@ -299,7 +299,7 @@ def autolabel(
                 device=device, on_progress=on_progress,
             )  # fmt: skip
     except (CheckpointError, ValueError, OSError) as exc:
-        err.print(f"[red]error:[/red] {_plain(exc)}")
+        err.print(_line("error:", "red", exc))
         raise typer.Exit(1) from None
     summary = report.as_dict()
     if render_dir is not None and render:
@@ -389,13 +389,25 @@ def _settings_device() -> str:
     return get_settings().device
 
 
-def _plain(value: object) -> str:
-    """A value from the database, a file name or an exception as literal text for rich: its ``[...]`` not taken for
-    markup (a path ``a[/b].png`` would raise MarkupError, ``[bold]x.png`` print as ``x.png``), and control characters
-    (terminal escape sequences) shown as U+FFFD."""
-    from rich.markup import escape
+def _clean(value: object) -> str:
+    """``value`` as one line of text: line breaks and tabs become spaces, other control characters (terminal escape
+    sequences) U+FFFD."""
+    return "".join(c if c.isprintable() else " " if c in "\n\r\t" else "\ufffd" for c in str(value))
 
-    return escape("".join(c if c.isprintable() else "\ufffd" for c in str(value)))
+
+def _cell(value: object) -> Any:
+    """A value from the database or a file name as a table cell of literal text: its ``[...]`` never taken for rich
+    markup (a path ``a[/b].png`` raised MarkupError, ``[bold]x.png`` printed as ``x.png``)."""
+    from rich.text import Text
+
+    return Text(_clean(value))
+
+
+def _line(label: str, style: str, value: object) -> Any:
+    """``label`` in ``style``, then ``value`` as literal text (an error or a warning that quotes paths)."""
+    from rich.text import Text
+
+    return Text.assemble((label, style), " ", _clean(value))
 
 
 def _stdout() -> Any:
@@ -534,7 +546,7 @@ def status(
         table = Table("job", "name", "created (UTC)", "total", "done", "failed", "pending", title="latest jobs")
         for row in recent:
             table.add_row(
-                str(row["id"]), _plain(row["name"] or ""), f"{row['created_at']:%Y-%m-%d %H:%M:%S}", str(row["total"]),
+                str(row["id"]), _cell(row["name"] or ""), f"{row['created_at']:%Y-%m-%d %H:%M:%S}", str(row["total"]),
                 str(row["done"]), str(row["failed"]), str(row["pending"]),
             )  # fmt: skip
         console.print(table)
@@ -583,9 +595,9 @@ def results(
             table.columns[1].overflow = "fold"
             for row in rows:
                 table.add_row(
-                    str(row["job"]), _plain(row["path"]), row["status"], _plain(row["text"] or ""),
+                    str(row["job"]), _cell(row["path"]), row["status"], _cell(row["text"] or ""),
                     "" if row["score"] is None else f"{row['score']:.3f}", str(len(row["chars"])),
-                    _plain(row["model_version"] or ""), _plain(row["error"] or ""),
+                    _cell(row["model_version"] or ""), _cell(row["error"] or ""),
                 )  # fmt: skip
             _stdout().print(table)
 
@@ -706,14 +718,14 @@ def enqueue(
         with _sigterm_as_exit():  # images registered but not yet sent are marked failed on SIGTERM as on Ctrl-C
             report = enqueue_images(
                 dirs, recursive=recursive, pattern=pattern, job_name=job, force=force, queue=queue, progress=True,
-                warn=lambda message: console.print(f"[yellow]warning:[/] {_plain(message)}"),
+                warn=lambda message: console.print(_line("warning:", "yellow", message)),
             )  # fmt: skip
     except (ScanError, EnqueueError) as exc:
-        console.print(f"[red]error:[/] {_plain(exc)}")
+        console.print(_line("error:", "red", exc))
         raise typer.Exit(1) from None
     if report.found == 0:
         hint = "" if recursive else " (sub-folders are searched with --recursive)"
-        console.print(f"[yellow]warning:[/] no image files found in {_plain(', '.join(map(str, dirs)))}{hint}")
+        console.print(_line("warning:", "yellow", f"no image files found in {', '.join(map(str, dirs))}{hint}"))
     console.print(
         f"job {report.job_id}: {report.enqueued} images enqueued in {report.messages} messages "
         f"({report.skipped} unchanged skipped, {report.found} found) in {report.seconds:.1f} s"
@@ -1023,7 +1035,7 @@ def models_list(
                   "sha256", title="model versions")  # fmt: skip
     for v in versions:
         table.add_row(
-            _plain(v.version), v.status, _plain(v.arch), f"v{v.parent}" if v.parent else "-",
+            _cell(v.version), v.status, _cell(v.arch), f"v{v.parent}" if v.parent else "-",
             _accuracy(v.metrics.get("val_sequence_accuracy")),
             _accuracy((v.metrics.get("baseline") or {}).get("val_sequence_accuracy")),
             f"{v.created_at:%Y-%m-%d %H:%M:%S}", f"{v.promoted_at:%Y-%m-%d %H:%M:%S}" if v.promoted_at else "-",
@@ -1035,11 +1047,11 @@ def models_list(
         runs_table = Table("task", "status", "epoch", "progress", "version", "updated", "worker", title="training runs")
         for r in latest:
             updated = r.updated_at or r.created_at
-            detail = _plain((r.error or "")[:80] if r.status == "failed" else _progress_text(r.progress))
+            detail = _cell((r.error or "")[:80] if r.status == "failed" else _progress_text(r.progress))
             produced = f"v{r.version}" + (" (promoted)" if r.promoted else "") if r.version else "-"
             runs_table.add_row(
                 r.task_id[:8], r.status, f"{r.epoch}/{r.epochs}", detail, produced,
-                f"{(now - updated).total_seconds():.0f} s ago", _plain(r.worker or "-"),
+                f"{(now - updated).total_seconds():.0f} s ago", _cell(r.worker or "-"),
             )  # fmt: skip
         console.print(runs_table)
 

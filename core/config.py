@@ -89,11 +89,12 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     known = [f"CAPTCHA_{name.upper()}" for name in Settings.model_fields]
     found = []
     for name in sorted(environ):
-        if not name.startswith("CAPTCHA_") or name in known or name in NOT_SETTINGS or name.startswith(
+        upper = name.upper()  # pydantic-settings matches the names case-insensitively
+        if not upper.startswith("CAPTCHA_") or upper in known or upper in NOT_SETTINGS or upper.startswith(
             NOT_SETTINGS_PREFIXES
         ):
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
         found.append((name, close[0] if close else None))
     return found
 
@@ -105,27 +106,33 @@ def get_settings() -> Settings:
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for logs and CLI output): the one in its user part, which
-    may hold characters that a URL parser would take for the start of a path, a query or a fragment (``#``, ``/``,
-    ``?``), and a ``password=`` query parameter."""
+    """Return ``url`` with any password replaced by ``***`` (for logs and CLI output): the one in its user part, also
+    where it holds characters that a URL parser would take for the start of a path, a query or a fragment (``#``,
+    ``/``, ``?``), and ``password=``-like query parameters. A list of URLs joined by ``;`` (a broker failover list)
+    is masked URL by URL."""
+    if ";" in url and url.count("://") > 1:
+        return ";".join(mask_url(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if sep:
-        at = rest.rfind("@")
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        at = authority.rfind("@")
+        if at < 0 and not rest.startswith("["):  # perhaps a password holding / ? or #: the last @ of it all
+            at = rest.rfind("@")
         userinfo = rest[:at] if at >= 0 else ""
-        if ":" in userinfo.split("/", 1)[0] or (":" in userinfo and "/" not in userinfo):
-            user = userinfo[: userinfo.index(":")]
-            rest = f"{user}:***@{rest[at + 1:]}"
+        if ":" in userinfo:
+            rest = f"{userinfo[: userinfo.index(':')]}:***@{rest[at + 1:]}"
         url = f"{scheme}{sep}{rest}"
     else:  # not a URL, perhaps one with a typo ("postgresql//user:pw@host"): still no password shown
         url = _USER_PASSWORD.sub(r"\1:***@", url)
     return _PASSWORD_PARAMETER.sub(r"\1***", url)
 
 
-_PASSWORD_PARAMETER = re.compile(r"(?i)\b((?:password|passwd|pwd)=)[^&#\s]*")
+_PASSWORD_PARAMETER = re.compile(r"(?i)(?<![a-z])((?:ssl)?(?:password|passwd|pwd)=)[^&#\s]*")
 _USER_PASSWORD = re.compile(r"(//[^\s/:@]*):[^\s@]+@")
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 
 
 def mask_urls_in(text: str) -> str:
     """``text`` with every URL in it passed through ``mask_url`` (for error messages that quote a URL)."""
-    return _USER_PASSWORD.sub(r"\1:***@", _URL.sub(lambda match: mask_url(match.group(0)), text))
+    masked = _USER_PASSWORD.sub(r"\1:***@", _URL.sub(lambda match: mask_url(match.group(0)), text))
+    return _PASSWORD_PARAMETER.sub(r"\1***", masked)  # a libpq-style "password=..." too

@@ -213,11 +213,16 @@ def cancel_run(session: Session, task: str) -> TrainingRun:
     if len(runs) > 1:
         raise RetrainError(f"{task} names {len(runs)} training runs; give more of the task id")
     run = runs[0]
-    if run.status != "queued":
-        raise RetrainError(f"run {run.task_id[:8]} is {run.status}: only a queued run can be cancelled")
     now = utcnow()
-    run.status, run.error, run.finished_at, run.updated_at = "failed", "cancelled before a worker took it", now, now
-    session.flush()
+    cancelled = session.execute(  # conditional: a worker claiming the run meanwhile keeps it
+        update(TrainingRun)
+        .where(TrainingRun.id == run.id, TrainingRun.status == "queued")
+        .values(status="failed", error="cancelled before a worker took it", finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.refresh(run)
+    if cancelled != 1:
+        raise RetrainError(f"run {run.task_id[:8]} is {run.status}: only a queued run can be cancelled")
     return run
 
 

@@ -113,6 +113,10 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     """
     from alembic import command
 
+    if revision == "head":
+        current, head, _ = schema_revisions(url)
+        if current == head:
+            return  # nothing to do: no write lock taken
     config = alembic_config()
     engine = make_engine(url)
     with engine.begin() as connection:
@@ -129,9 +133,17 @@ def refresh_statistics(session: Session) -> None:
     ``path``. PostgreSQL keeps its own statistics (autovacuum). Commits nothing the session holds."""
     if session.get_bind().dialect.name != "sqlite":
         return
+    from sqlalchemy.exc import OperationalError
+
     connection = session.connection()
-    connection.exec_driver_sql("PRAGMA analysis_limit=400")
-    connection.exec_driver_sql("ANALYZE")
+    try:
+        connection.exec_driver_sql("PRAGMA analysis_limit=400")
+        connection.exec_driver_sql("ANALYZE")
+    except OperationalError as exc:  # locked for longer than the busy timeout: a later enqueue refreshes them
+        import logging
+
+        logging.getLogger(__name__).warning("planner statistics not refreshed: %s", exc.orig or exc)
+        session.rollback()
 
 
 def prepare_schema(url: str | None = None) -> None:

@@ -106,7 +106,7 @@ def run_demo(
 
     with local_redis(settings.broker_url) as broker_url:
         where = "configured" if broker_url == settings.broker_url else "private, stopped at the end"
-        console.print(f"[bold]2/4[/] broker {mask_url(broker_url)} ({where}); database {database_url}")
+        console.print(f"[bold]2/4[/] broker {mask_url(broker_url)} ({where}); database {mask_url(database_url)}")
         queue = f"demo-{uuid.uuid4().hex[:8]}"
         env = {"CAPTCHA_BROKER_URL": broker_url, "CAPTCHA_DATABASE_URL": database_url,
                "CAPTCHA_CHECKPOINT": str(checkpoint)}  # fmt: skip

@@ -288,7 +288,11 @@ def wait_for_job(
                 break
             if alive is not None and not alive():
                 break
-            time.sleep(max(poll_s, 10 * took))  # the database's time goes to the workers, however large the job
+            # the database's time goes to the workers, however large the job; never past the timeout or 10 s
+            pause = min(max(poll_s, 10 * took), 10.0)
+            if timeout_s is not None:
+                pause = max(0.0, min(pause, timeout_s - (time.perf_counter() - started)))
+            time.sleep(pause)
 
     with factory() as session:
         counts = job_counts(session, job_id)

@@ -132,3 +132,7 @@ def test_a_mistyped_setting_is_named_not_silently_ignored(tmp_path):
     assert "warning: CAPTCHA_NOTHING_LIKE_IT is not a setting" in out.stderr
     quiet = run("--help", cwd=tmp_path, CAPTCHA_DATA="/data", CAPTCHA_BROKER_URL="redis://127.0.0.1:6379/0")
     assert "warning" not in quiet.stderr
+    from core.config import unknown_variables  # settings are matched whatever the case of their names
+
+    assert unknown_variables({"CAPTCHA_broker_url": "x", "captcha_device": "cpu", "CAPTCHA_Brokr": "y"}) == [
+        ("CAPTCHA_Brokr", "CAPTCHA_BROKER_URL")]  # fmt: skip

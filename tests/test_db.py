@@ -140,6 +140,21 @@ def test_processes_upgrading_a_new_sqlite_file_at_once_all_succeed(tmp_path):
     assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
 
 
+def test_an_upgrade_with_nothing_to_do_takes_no_lock(tmp_path):
+    """A current schema is left alone without the write lock a migration takes: a process holding a write
+    transaction on the same file (a session with pending rows) does not make it wait."""
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    upgrade(url)
+    with session_factory(url)() as session:
+        session.add(Job(name="pending"))
+        session.flush()  # a write transaction held open
+        upgrade(url)  # returns at once instead of waiting out the busy timeout
+        session.commit()
+    with session_factory(url)() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 1
+    dispose_engines()
+
+
 def test_prepare_schema_creates_a_new_one_and_leaves_others_to_db_upgrade(tmp_path):
     from db.session import SchemaError, prepare_schema, schema_revisions
 

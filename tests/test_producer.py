@@ -370,6 +370,27 @@ def test_waiting_stops_when_the_decoder_is_gone(tmp_path, db, redis_url, queue):
     assert (waited.pending, waited.total) == (2, 2) and time.perf_counter() - started < 5
 
 
+def test_a_slow_poll_never_stretches_the_wait_past_its_timeout(tmp_path, db, redis_url, queue, monkeypatch):
+    """The pause between polls grows with the time a poll takes, but is capped (10 s) and ends at the timeout."""
+    import db.repository as repository
+    from producer.enqueue import wait_for_job
+
+    touch_images(tmp_path / "in", ["a-0.png"])
+    report = enqueue([tmp_path / "in"], queue=queue, database_url=db, broker_url=redis_url)
+    real, calls = repository.job_counts, []
+
+    def slow_first(session, job_id=None, times=True):
+        calls.append(times)
+        if len(calls) == 1:
+            time.sleep(1.5)  # a poll that took 1.5 s would make the next pause 15 s
+        return real(session, job_id, times)
+
+    monkeypatch.setattr(repository, "job_counts", slow_first)
+    started = time.monotonic()
+    waited = wait_for_job(report.job_id, database_url=db, timeout_s=2.0)
+    assert time.monotonic() - started < 4.0 and waited.pending == 1
+
+
 def test_waiting_on_a_job_nobody_decodes_gives_one_hint(tmp_path, db, redis_url, queue):
     from producer.enqueue import wait_for_job
 

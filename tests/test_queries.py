@@ -400,3 +400,37 @@ def test_a_wait_poll_counts_through_the_index_alone(sqlite_url):
         assert "COVERING INDEX ix_images_job_id_status" in plan, plan
         assert job_counts(session, job.id)["first_enqueued_at"] is not None
     dispose_engines()
+
+
+def test_statistics_that_cannot_be_refreshed_do_not_fail_the_enqueue(sqlite_url, caplog):
+    """``enqueue`` refreshes them after sending everything: a database locked longer than the busy timeout must not
+    turn a job that is fully queued into an error."""
+    import logging
+
+    from db.session import make_engine, refresh_statistics
+
+    upgrade(sqlite_url)
+    blocker = make_engine(sqlite_url).raw_connection()
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with session_factory(sqlite_url)() as session, caplog.at_level(logging.WARNING, logger="db.session"):
+            session.connection().exec_driver_sql("PRAGMA busy_timeout=100")
+            refresh_statistics(session)
+        assert "planner statistics not refreshed" in caplog.text
+    finally:
+        blocker.rollback()
+        blocker.close()
+    dispose_engines()
+
+
+def test_table_cells_show_backslashes_and_line_breaks_as_text(db_url, settings_env):
+    with session_factory(db_url)() as session:
+        job = create_job(session, "win")
+        [(image_id, _)] = register_images(session, job, [("/d/C:\\data\\", 1, 1)])
+        record_outcomes(session, [ImageOutcome(image_id=image_id, status="failed", error="line one\nline two",
+                                               model_version="v1")])  # fmt: skip
+        session.commit()
+    out = run("results", "--database-url", db_url)
+    assert out.exit_code == 0, out.output
+    assert "/d/C:\\data\\ " in out.stdout and "\\\\" not in out.stdout, out.stdout  # no backslash added
+    assert "line one line two" in out.stdout  # the line break inside the error is a space, not a broken table

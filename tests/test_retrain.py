@@ -134,6 +134,36 @@ def test_a_cancelled_run_is_never_trained(env, data, sqlite_url):
         assert list_versions(session) == []
 
 
+def test_a_run_claimed_while_being_cancelled_stays_claimed(env, data):
+    """A worker that claims the run between ``models cancel`` reading it and writing it keeps it: the cancel is
+    refused, instead of marking failed a run that then trains (and ends succeeded)."""
+    from sqlalchemy import event
+
+    from core.retrain import RetrainError, cancel_run, claim_run, create_run
+
+    sessions, _ = env
+    with sessions() as session, session.begin():
+        create_run(session, "race-0001", request(data))
+    engine, claimed, started = sessions.kw["bind"], [], []
+
+    def claim_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("UPDATE training_runs") and not started:
+            started.append(True)  # once: the claim's own UPDATE passes here too
+            claimed.append(claim_run(sessions, "race-0001", request(data), "worker-1"))
+
+    event.listen(engine, "before_cursor_execute", claim_first)
+    try:
+        with sessions() as session, pytest.raises(RetrainError, match="is running: only a queued run can be cancelled"):
+            cancel_run(session, "race-0001")
+            session.commit()
+    finally:
+        event.remove(engine, "before_cursor_execute", claim_first)
+    assert claimed == [True]
+    with sessions() as session:
+        run = session.scalar(sa.select(TrainingRun).where(TrainingRun.task_id == "race-0001"))
+        assert (run.status, run.worker, run.error) == ("running", "worker-1", None)
+
+
 def test_retrain_publishes_promotes_and_rolls_back(env, data, configured):
     sessions, store = env
     progress: list[dict] = []

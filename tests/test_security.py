@@ -176,6 +176,8 @@ def test_no_code_unpickles():
         f"postgresql+psycopg://captcha:{SECRET}%40x@db.internal/captcha?sslmode=require",
         f"postgresql+psycopg://captcha:{SECRET}#/?x@db.internal:5432/captcha",  # what a URL parser takes for more
         f"redis://:{SECRET}@redis.internal:99999/0",  # a port no parser accepts
+        f"postgresql://u:{SECRET}@[::1]:5432/db",
+        f"redis+socket://:{SECRET}@/run/redis.sock",
     ],
 )
 def test_mask_url_hides_the_password_and_keeps_the_rest(url):
@@ -185,6 +187,14 @@ def test_mask_url_hides_the_password_and_keeps_the_rest(url):
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert mask_url("sqlite:////data/a@b.db") == "sqlite:////data/a@b.db"
     assert mask_url(f"postgresql+psycopg://u@h/db?password={SECRET}&x=1") == "postgresql+psycopg://u@h/db?password=***&x=1"
+    assert mask_url(f"postgresql://u@h/db?sslpassword={SECRET}") == "postgresql://u@h/db?sslpassword=***"
+    assert mask_url(f"redis://:{SECRET}@h1/0;redis://:{SECRET}@h2/0") == "redis://:***@h1/0;redis://:***@h2/0"
+    for kept in ("postgresql://postgres@127.0.0.1:5432/q?options=-c%20x@y", "postgresql://[::1]:5432/db?name=a@b",
+                 "postgresql://u@host/db#frag@x"):  # an @ after the host is not a password's end
+        assert mask_url(kept) == kept
+    from core.config import mask_urls_in
+
+    assert mask_urls_in(f"host=h password={SECRET} dbname=x") == "host=h password=*** dbname=x"
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
