@@ -14,21 +14,18 @@ Training state (the last epoch's weights, optimizer tensors, RNG state) lives in
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import random
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.charset import CHARS
+from core.signals import held_signals
 
 if TYPE_CHECKING:
     import torch
@@ -125,29 +122,6 @@ def _tensors_for_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-@contextlib.contextmanager
-def _as_one_write() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while a pair of files (weights and the JSON that names their sha256) is written,
-    then deliver them: an interrupt between the two would leave weights that their JSON refuses (the checkpoint
-    unloadable, a run impossible to resume). Outside the main thread, where handlers cannot be set, it does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not None:  # None: a handler set outside Python, which could not be put back
-            previous[signum] = signal.signal(signum, lambda received, frame: held.append(received))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in held:
-            signal.raise_signal(signum)
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
@@ -188,7 +162,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
     config = dict(getattr(model, "config", None) or {})
     if "arch" not in config:
         raise CheckpointError("model.config must be a dict with an 'arch' key so the network can be rebuilt")
-    with _as_one_write():
+    with held_signals():  # the weights and their JSON: both, or the old pair
         _save_pair(path, model, metadata, config)
     return path
 
@@ -472,7 +446,7 @@ def save_training_state(
     if torch.cuda.is_initialized():  # training on a GPU draws from its generators too
         tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
     py_version, py_state, py_gauss = random.getstate()
-    with _as_one_write():
+    with held_signals():  # the weights and their JSON: both, or the old pair
         _save_tensors(tensor_file, tensors)
         doc = {
             "format_version": STATE_FORMAT_VERSION,

@@ -47,7 +47,9 @@ class DecodeTask(Task):
     acks_late=True,
     autoretry_for=(OperationalError,),
     retry_backoff=5,
-    retry_backoff_max=300,
+    # a retry waits in the worker, its message unacknowledged: past the visibility timeout Redis would hand out a
+    # second copy, so the longest wait stays well under it
+    retry_backoff_max=min(300, max(5, get_settings().visibility_timeout // 3)),
     max_retries=None,  # as long as the database is unreachable: giving up would leave the images pending unsent
 )
 def decode(self: DecodeTask, job_id: int, images: list) -> dict:
