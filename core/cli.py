@@ -825,7 +825,7 @@ def demo(
 # retraining: the train task and model versions
 # --------------------------------------------------------------------------------------------------------------
 
-models_app = typer.Typer(help="Model versions: list, show, promote, roll back.", invoke_without_command=True)
+models_app = typer.Typer(help="Model versions: list, show, promote, roll back; cancel a queued training run.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 
 
