@@ -35,8 +35,10 @@ def database_url(url: str | None = None) -> str:
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # the busy timeout first: switching a new file to WAL takes a lock that another process opening the file at
+        # the same moment must wait for, not fail on ("database is locked")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
