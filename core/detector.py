@@ -154,12 +154,15 @@ def both_gate(model: torch.nn.Module) -> float:
 
 
 def decode_arrays(model: torch.nn.Module, arrays: Sequence[np.ndarray], batch_size: int = 32,
-                  device: torch.device | str = "cpu", precision: str = "fp32") -> list[Prediction]:
+                  device: torch.device | str = "cpu", precision: str = "fp32",
+                  tensors: Sequence[torch.Tensor] | None = None) -> list[Prediction]:
     """What ``Detector.predict`` returns, for RGB uint8 arrays ``[H, W, 3]`` and an eval-mode ``model``: its
     ``box_source`` applied (colour segmentation read by the network, its own detections, or both). The one decoding
-    path of inference, evaluation and validation during training."""
+    path of inference, evaluation and validation during training. ``tensors``: the same images as float
+    ``Tensor[3, H, W]`` in [0, 1] where the caller has them already (made from ``arrays`` otherwise)."""
     precision = resolve_precision(precision, device)
-    tensors = [_array_to_tensor(a) for a in arrays]
+    if tensors is None:
+        tensors = [_array_to_tensor(a) for a in arrays]
     source = box_source(model)
     segments: dict[int, list] = {}
     if source in ("colour", "both"):

@@ -263,7 +263,8 @@ def validate(
     truths: list[str | None] = []
     for batch in loader:
         arrays = [img.mul(255).round_().to(torch.uint8).permute(1, 2, 0).numpy() for img in batch["images"]]
-        found = decode_arrays(model, arrays, batch_size=max(1, len(arrays)), device=device, precision=precision)
+        found = decode_arrays(model, arrays, batch_size=max(1, len(arrays)), device=device, precision=precision,
+                              tensors=batch["images"])
         predictions.extend(p.text for p in found)
         truths.extend(batch["texts"])
     s = score(predictions, truths)

@@ -7,6 +7,7 @@ The schema is managed only by Alembic: ``upgrade(url)`` runs the migrations ship
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -142,9 +145,7 @@ def refresh_statistics(session: Session) -> None:
         connection.exec_driver_sql("PRAGMA analysis_limit=400")
         connection.exec_driver_sql("ANALYZE")
     except OperationalError as exc:  # locked for longer than the busy timeout: a later enqueue refreshes them
-        import logging
-
-        logging.getLogger(__name__).warning("planner statistics not refreshed: %s", exc.orig or exc)
+        log.warning("planner statistics not refreshed: %s", exc.orig or exc)
         session.rollback()
 
 

@@ -305,31 +305,37 @@ def test_tables_print_paths_and_names_as_they_are(db_url, settings_env):
     assert "[/odd]" in out.stdout
 
 
+def query_plan(session, marker: str, call):
+    """Run ``call()`` and return SQLite's plan (``EXPLAIN QUERY PLAN``, one line) of the first statement it sent that
+    contains ``marker``, with the parameters it was sent with; and what ``call`` returned."""
+    from sqlalchemy import event
+
+    engine, statements = session.get_bind(), []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if marker in statement:
+            statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        returned = call()
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    statement, parameters = statements[0]
+    rows = session.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
+    return " ".join(row[-1] for row in rows), returned
+
+
 def test_a_jobs_pages_are_read_through_the_job_and_id_index(sqlite_url):
     """``results --job`` reads a job a page at a time in id order: on SQLite without a (job_id, id) index every page
     sorted the whole job again (a temporary B-tree), work growing with the square of the job's size."""
-    from sqlalchemy import event
-
     upgrade(sqlite_url)
     with session_factory(sqlite_url)() as session:
         job = create_job(session, "big")
         register_images(session, job, [(f"/d/{k}.png", 1, 1) for k in range(50)])
         session.commit()
-        engine = session.get_bind()
-        statements: list[tuple[str, tuple]] = []
-
-        def capture(conn, cursor, statement, parameters, context, executemany):
-            if "FROM images" in statement and "ORDER BY images.id" in statement:
-                statements.append((statement, parameters))
-
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
-            assert len(query_results(session, job=job.id)) == 50
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
-        statement, parameters = statements[0]
-        plan = " ".join(row[-1] for row in session.connection().exec_driver_sql(
-            "EXPLAIN QUERY PLAN " + statement, parameters))  # fmt: skip
+        plan, rows = query_plan(session, "ORDER BY images.id", lambda: query_results(session, job=job.id))
+        assert len(rows) == 50
     assert "ix_images_job_id_id" in plan and "TEMP B-TREE" not in plan, plan
     dispose_engines()
 
@@ -337,8 +343,6 @@ def test_a_jobs_pages_are_read_through_the_job_and_id_index(sqlite_url):
 def test_after_an_enqueue_one_paths_result_is_looked_up_by_path(sqlite_url):
     """Without statistics SQLite took the index on status (a scan of every done image) to find one path's result;
     ``enqueue`` refreshes them (``refresh_statistics``), and the lookup goes through the index on path."""
-    from sqlalchemy import event
-
     from db.session import refresh_statistics
 
     upgrade(sqlite_url)
@@ -347,34 +351,16 @@ def test_after_an_enqueue_one_paths_result_is_looked_up_by_path(sqlite_url):
         register_images(session, job, [(f"/d/{k}.png", 1, 1) for k in range(500)])
         session.execute(sa.update(Image).where(Image.id % 10 != 0).values(status="done"))
         session.commit()
-        engine, statements = session.get_bind(), []
-
-        def plan() -> str:
-            statements.clear()
-            latest_result(session, "/d/5.png")
-            statement, parameters = statements[0]
-            rows = session.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
-            return " ".join(row[-1] for row in rows)
-
-        def capture(conn, cursor, statement, parameters, context, executemany):
-            if "images.path =" in statement:
-                statements.append((statement, parameters))
-
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
-            refresh_statistics(session)
-            session.commit()
-            assert "USING INDEX ix_images_path" in plan()
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
+        refresh_statistics(session)
+        session.commit()
+        plan, _ = query_plan(session, "images.path =", lambda: latest_result(session, "/d/5.png"))
+        assert "USING INDEX ix_images_path" in plan
     dispose_engines()
 
 
 def test_a_wait_poll_counts_through_the_index_alone(sqlite_url):
     """``enqueue --wait`` asks for a job's counts every half second: they come from the (job_id, status) index
     without reading the table (the times, which would read every row, are asked once at the end)."""
-    from sqlalchemy import event
-
     from db.repository import job_counts
 
     upgrade(sqlite_url)
@@ -382,21 +368,8 @@ def test_a_wait_poll_counts_through_the_index_alone(sqlite_url):
         job = create_job(session, "polled")
         register_images(session, job, [(f"/d/{k}.png", 1, 1) for k in range(20)])
         session.commit()
-        engine, statements = session.get_bind(), []
-
-        def capture(conn, cursor, statement, parameters, context, executemany):
-            if "GROUP BY images.status" in statement:
-                statements.append((statement, parameters))
-
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
-            counts = job_counts(session, job.id, times=False)
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
+        plan, counts = query_plan(session, "GROUP BY images.status", lambda: job_counts(session, job.id, times=False))
         assert (counts["total"], counts["pending"], counts["first_enqueued_at"]) == (20, 20, None)
-        statement, parameters = statements[0]
-        plan = " ".join(row[-1] for row in session.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement,
-                                                                               parameters))  # fmt: skip
         assert "COVERING INDEX ix_images_job_id_status" in plan, plan
         assert job_counts(session, job.id)["first_enqueued_at"] is not None
     dispose_engines()
