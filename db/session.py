@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +40,31 @@ def database_url(url: str | None = None) -> str:
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        # the busy timeout first: switching a new file to WAL takes a lock that another process opening the file at
-        # the same moment must wait for, not fail on ("database is locked")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the file in WAL mode (a no-op once it is: the mode is stored in the file).
+
+    Processes opening a new file at the same moment all try to switch it; SQLite answers all but one "database is
+    locked" at once, without waiting out the busy timeout (the waiting could deadlock), so the switch is retried
+    here until it succeeds or the busy timeout has passed.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.002
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def _create(url: str) -> Engine:
