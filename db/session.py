@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# the PostgreSQL advisory lock an upgrade holds (any 64-bit number; this one spells "captchaq" in ASCII)
+UPGRADE_LOCK_KEY = 0x6361707463686171
 
 _engines: dict[tuple[int, str], Engine] = {}
 _lock = threading.Lock()
@@ -134,7 +136,9 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     On SQLite the driver runs DDL outside the transaction SQLAlchemy begins, so an interrupted upgrade left some
     tables and no revision (and every later upgrade failing on "table already exists"), and two processes upgrading
     a new file at once collided. An explicit ``BEGIN IMMEDIATE`` makes the whole upgrade one transaction that a
-    second upgrader waits for (the busy timeout), then finds done.
+    second upgrader waits for (the busy timeout), then finds done. On PostgreSQL the DDL is transactional but takes
+    no lock that makes a second upgrader wait (two `enqueue` runs on a new database both created the tables, and all
+    but one failed on a duplicate type), so the upgrade holds a transaction-level advisory lock.
     """
     from alembic import command
 
@@ -147,6 +151,8 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     with engine.begin() as connection:
         if engine.dialect.name == "sqlite":
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+        elif engine.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
