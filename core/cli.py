@@ -895,22 +895,24 @@ def retrain(
     except SchemaError as exc:
         raise _fail(str(exc)) from None
     sessions = session_factory(database_url)
-    with sessions() as session, session.begin():
-        if from_version is not None:
+    if from_version is not None:
+        with sessions() as session:
             try:
                 get_version(session, from_version)
             except RegistryError as exc:
                 raise _fail(str(exc)) from None
-        create_run(session, task_id, request)
-    try:
-        with _sigterm_as_exit():
+    # SIGTERM is an exception from before the run is committed until its message is out: no moment leaves it queued
+    with _sigterm_as_exit():
+        try:
+            with sessions() as session, session.begin():
+                create_run(session, task_id, request)
             celery_app.send_task(TRAIN_TASK, kwargs={"request": request.as_json()}, task_id=task_id, queue=queue)
-    except Exception as exc:  # the broker is unreachable: the run will never start
-        _finish_unsent_run(sessions, task_id, f"not sent: {exc}")
-        raise _fail(f"cannot send the training task: {exc}") from None
-    except BaseException:  # Ctrl-C or SIGTERM while sending (a hung broker retries for up to a minute)
-        _finish_unsent_run(sessions, task_id, "not sent: interrupted")
-        raise
+        except Exception as exc:  # the broker is unreachable: the run will never start
+            _finish_unsent_run(sessions, task_id, f"not sent: {exc}")
+            raise _fail(f"cannot send the training task: {exc}") from None
+        except BaseException:  # Ctrl-C or SIGTERM while sending (a hung broker retries for up to a minute)
+            _finish_unsent_run(sessions, task_id, "not sent: interrupted")
+            raise
     typer.echo(task_id)
     if wait:
         _follow_run(sessions, task_id, queue=queue)

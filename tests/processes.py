@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 
 
-def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], signum: int, timeout: float = 60) -> None:
+def interrupt_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], signum: int, timeout: float = 60, exit_within: float = 120
+) -> None:
     """Poll ``ready()`` until it holds, then send ``signum`` to ``proc`` and wait for it to exit (killed on any
     failure, so no child outlives the test)."""
     try:
@@ -21,7 +23,7 @@ def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], signum: in
         time.sleep(0.5)  # well into the call that hangs
         assert proc.poll() is None, "the command ended before it was interrupted"
         proc.send_signal(signum)
-        proc.wait(timeout=30)
+        proc.wait(timeout=exit_within)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -67,8 +67,10 @@ def test_demo_stopped_by_sigterm_stops_its_worker_and_leaves_no_queue(demo_env, 
     """SIGTERM (a container stop, ``kill``) mid-run: the worker it started shuts down and its queue is deleted."""
     workdir = tmp_path / "demo"
     log = workdir / "worker.log"
+    # small messages: the worker's warm shutdown finishes the one it holds, quickly even on a loaded machine
+    env = dict(os.environ, CAPTCHA_PATHS_PER_MESSAGE="4")
     proc = subprocess.Popen([sys.executable, "-m", "core.cli", "demo", "--count", "60", "--workdir", str(workdir)],
-                            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     interrupt_when(proc, lambda: log.exists() and "ready." in log.read_text(), signal.SIGTERM, timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Warm shutdown" in log.read_text()  # stopped by the demo, not left running
