@@ -1089,12 +1089,6 @@ def models_show(
     typer.echo(json.dumps(doc, indent=2, default=str))
 
 
-CHAMPION_RACE = (
-    "another promotion or rollback changed the champion at the same moment; nothing was changed: "
-    "see `captcha-queue models` and try again"
-)
-
-
 @models_app.command("promote")
 def models_promote(
     version: int = typer.Argument(..., parser=_version_number, help="Version to make champion, e.g. v3."),
@@ -1104,7 +1098,7 @@ def models_promote(
     from sqlalchemy.exc import IntegrityError
 
     from core.checkpoint import CheckpointError
-    from core.registry import RegistryError, champion, promote
+    from core.registry import ChampionRace, RegistryError, champion, promote
 
     with _models_session(database_url) as session:
         before = champion(session)
@@ -1115,7 +1109,7 @@ def models_promote(
         except (RegistryError, CheckpointError) as exc:
             raise _fail(str(exc)) from None
         except IntegrityError:
-            raise _fail(CHAMPION_RACE) from None
+            raise _fail(str(ChampionRace())) from None
         typer.echo(f"{row.version} is the champion (was {previous})")
 
 
@@ -1125,7 +1119,7 @@ def models_rollback(database_url: Optional[str] = typer.Option(None, help=DATABA
     from sqlalchemy.exc import IntegrityError
 
     from core.checkpoint import CheckpointError
-    from core.registry import RegistryError, rollback
+    from core.registry import ChampionRace, RegistryError, rollback
 
     with _models_session(database_url) as session:
         try:
@@ -1134,7 +1128,7 @@ def models_rollback(database_url: Optional[str] = typer.Option(None, help=DATABA
         except (RegistryError, CheckpointError) as exc:
             raise _fail(str(exc)) from None
         except IntegrityError:
-            raise _fail(CHAMPION_RACE) from None
+            raise _fail(str(ChampionRace())) from None
         now = restored.version if restored else "no champion: workers serve the configured checkpoint"
         typer.echo(f"{retired.version} retired; champion: {now}")
 

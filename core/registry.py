@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,19 @@ if TYPE_CHECKING:
 
 class RegistryError(ValueError):
     """A request the store cannot satisfy (unknown version, nothing to roll back to, ...)."""
+
+
+class ChampionRace(RegistryError):
+    """Another process changed the champion between this one reading it and changing it; nothing was changed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "another promotion or rollback changed the champion at the same moment; nothing was changed: "
+            "see `captcha-queue models` and try again"
+        )
+
+
+ANY_CHAMPION: Any = object()  # promote(expected=...): whatever version is champion
 
 
 def version_string(number: int) -> str:
@@ -107,14 +120,21 @@ def publish(
     return row
 
 
-def promote(session: Session, number: int) -> ModelVersion:
-    """Make version ``number`` the champion (after checking its file); the previous champion becomes ``ready``."""
+def promote(session: Session, number: int, expected: int | None = ANY_CHAMPION) -> ModelVersion:
+    """Make version ``number`` the champion (after checking its file); the previous champion becomes ``ready``.
+
+    ``expected``: the version that must still be champion (None: no champion), else ``ChampionRace``. The previous
+    champion is demoted only while it still is one, so a promotion or rollback that another process commits after
+    this one read the champion is never silently undone: it raises ``ChampionRace`` (or, where neither saw a
+    champion, the one-champion index refuses the second with an ``IntegrityError``).
+    """
     row = get_version(session, number)
     verify(row)
     current = champion(session)
+    if expected is not ANY_CHAMPION and (current.number if current is not None else None) != expected:
+        raise ChampionRace()
     if current is not None and current.id != row.id:
-        current.status = "ready"
-        session.flush()
+        _demote(session, current, "ready")
     row.status = "champion"
     row.promoted_at = utcnow()
     session.flush()
@@ -135,13 +155,25 @@ def rollback(session: Session) -> tuple[ModelVersion, ModelVersion | None]:
     )
     if previous is not None:
         verify(previous)
-    current.status = "retired"
-    session.flush()
+    _demote(session, current, "retired")
     if previous is not None:
         previous.status = "champion"
         previous.promoted_at = utcnow()
     session.flush()
     return current, previous
+
+
+def _demote(session: Session, row: ModelVersion, status: str) -> None:
+    """Set the champion ``row`` to ``status`` in one conditional UPDATE: ``ChampionRace`` when it is no longer the
+    champion (another process promoted or rolled back since it was read; PostgreSQL re-checks the condition after
+    waiting for that process's row lock)."""
+    changed = session.execute(
+        update(ModelVersion).where(ModelVersion.id == row.id, ModelVersion.status == "champion").values(status=status),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+    if changed != 1:
+        raise ChampionRace()
+    session.expire(row, ["status"])
 
 
 def verify(row: ModelVersion) -> Path:

@@ -38,7 +38,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.checkpoint import CheckpointError, default_checkpoint_path
 from core.config import get_settings, is_device_name
 from core.paths import is_allowed, resolve_roots
-from core.registry import VersionRef, champion, get_version, load_version, promote, publish, verify
+from core.registry import (
+    ANY_CHAMPION,
+    ChampionRace,
+    VersionRef,
+    champion,
+    get_version,
+    load_version,
+    promote,
+    publish,
+    verify,
+)
 from db.models import TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
@@ -430,8 +440,8 @@ def _publish(
                     task_id=task_id,
                 )  # fmt: skip
                 written.append(Path(row.path))
-                if promoted:
-                    promote(session, row.number)
+                if promoted:  # the champion checked again in the same statement that demotes it
+                    promote(session, row.number, expected=baseline_champion if check else ANY_CHAMPION)
                 session.execute(
                     update(TrainingRun)
                     .where(TrainingRun.task_id == task_id)
@@ -439,7 +449,7 @@ def _publish(
                             finished_at=utcnow(), updated_at=utcnow())
                 )  # fmt: skip
                 return row.number, promoted
-        except IntegrityError:
+        except (IntegrityError, ChampionRace):
             for path in written:  # published, then the promotion lost a race: the row is gone, so are its files
                 path.unlink(missing_ok=True)
                 path.with_suffix(".json").unlink(missing_ok=True)

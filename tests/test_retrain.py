@@ -398,6 +398,75 @@ def test_two_promotions_at_once_leave_one_champion(backend, request, tmp_path):
     dispose_engines()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_rollback_never_undoes_a_promotion_committed_after_it_read_the_champion(backend, request, tmp_path,
+                                                                                 monkeypatch):
+    """``rollback`` read v1 as champion; another process then promoted v2. Retiring v1 by its id alone used to
+    succeed and print "champion: none" while v2 was champion; the demotion is now conditional."""
+    import core.registry
+    from core.registry import ChampionRace
+    from db.models import ModelVersion
+    from db.session import dispose_engines, session_factory, upgrade
+
+    url = request.getfixturevalue(f"{backend}_url")
+    upgrade(url)
+    sessions = session_factory(url)
+    v1, v2 = publish_tiny(sessions, tmp_path, 2)
+    with sessions() as session, session.begin():
+        promote(session, v1)
+    real_champion = core.registry.champion
+
+    def champion_then_another_promotion(session):
+        current = real_champion(session)
+        with sessions() as other, other.begin():  # `models promote v2` in another process, committed meanwhile
+            other.execute(sa.update(ModelVersion).where(ModelVersion.number == v1).values(status="ready"))
+            other.execute(sa.update(ModelVersion).where(ModelVersion.number == v2).values(status="champion"))
+        return current
+
+    monkeypatch.setattr(core.registry, "champion", champion_then_another_promotion)
+    with sessions() as session:
+        with pytest.raises(ChampionRace, match="changed the champion at the same moment"):
+            rollback(session)
+        session.rollback()
+    monkeypatch.undo()
+    with sessions() as session:
+        assert [(v.number, v.status) for v in list_versions(session)] == [(v2, "champion"), (v1, "ready")]
+    dispose_engines()
+
+
+def test_a_promotion_committed_while_a_run_publishes_is_not_undone(env, data, monkeypatch):
+    """The run was compared with v1; while it wrote its files, `models promote v2` committed. The run used to demote
+    v2 and make itself champion; now its promotion finds v2 and the run publishes without promoting."""
+    import core.retrain
+    from core.checkpoint import load_checkpoint
+    from core.retrain import _publish, claim_run
+
+    sessions, store = env
+    run_retrain("task-base", request(data, force=True), sessions)  # v1, champion
+    with sessions() as session:
+        model, meta = load_checkpoint(get_version(session, 1).path)
+    [v2] = publish_tiny(sessions, store, 1)
+    real_publish, calls = core.retrain.publish, []
+
+    def publish_while_another_promotes(session, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            with sessions() as other, other.begin():
+                promote(other, v2)
+        return real_publish(session, *args, **kwargs)
+
+    monkeypatch.setattr(core.retrain, "publish", publish_while_another_promotes)
+    metrics = {"promotion": "promoted: validation sequence accuracy 1.0 >= 0.5 of v1"}
+    assert claim_run(sessions, "task-late", request(data), "w")
+    number, promoted = _publish(sessions, "task-late", model, store, None, metrics, meta, True, baseline_champion=1)
+    assert (number, promoted) == (3, False) and len(calls) == 2  # the first attempt rolled back, the second declined
+    assert metrics["promotion"].startswith("not promoted: v2 became champion while this run was being compared with v1")
+    with sessions() as session:
+        assert [(v.number, v.status) for v in list_versions(session)] == [(3, "ready"), (v2, "champion"), (1, "ready")]
+        verify(get_version(session, 3))
+    assert len([p for p in store.iterdir() if p.name.startswith("v3-")]) == 2  # the rolled-back attempt left no file
+
+
 def test_an_attempt_that_loses_the_promotion_race_leaves_no_files(env, data, monkeypatch):
     """Publishing writes the files, then the promotion loses a race (IntegrityError) and the transaction is rolled
     back: that attempt's files go with its row, and the retry publishes under a file name of its own."""
@@ -408,11 +477,11 @@ def test_an_attempt_that_loses_the_promotion_race_leaves_no_files(env, data, mon
     sessions, store = env
     real_promote, calls = core.retrain.promote, []
 
-    def racing(session, number):
+    def racing(session, number, **kwargs):
         calls.append(number)
         if len(calls) == 1:
             raise IntegrityError("promote", {}, Exception("another champion committed first"))
-        return real_promote(session, number)
+        return real_promote(session, number, **kwargs)
 
     monkeypatch.setattr(core.retrain, "promote", racing)
     outcome = run_retrain("nightly-2024-01", request(data), sessions)
