@@ -20,6 +20,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 STATE_FORMAT_VERSION = 1
+# how long load_checkpoint reads a mismatched pair again (a writer between replacing the weights and the metadata)
+PAIR_WAIT_S = 1.0
 
 
 class CheckpointError(ValueError):
@@ -234,20 +237,28 @@ def load_checkpoint(
                               f"{path.with_suffix('.safetensors')}")  # fmt: skip
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    meta = read_metadata(path)
-    if meta["charset"] != CHARS:
-        raise CheckpointError(f"{path}: trained for charset {meta['charset']!r}, this code reads {CHARS!r}")
-    try:
-        data = path.read_bytes()  # hashed and loaded from the same bytes, whatever replaces the file meanwhile
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if verify_sha256:
+    # a writer replacing the pair (``save_checkpoint``: the weights, then their metadata) may be between the two:
+    # a mismatch is read again for up to PAIR_WAIT_S before it counts
+    deadline = time.monotonic() + PAIR_WAIT_S
+    while True:
+        meta = read_metadata(path)
+        if meta["charset"] != CHARS:
+            raise CheckpointError(f"{path}: trained for charset {meta['charset']!r}, this code reads {CHARS!r}")
+        try:
+            data = path.read_bytes()  # hashed and loaded from the same bytes, whatever replaces the file meanwhile
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if not verify_sha256:
+            break
         actual = hashlib.sha256(data).hexdigest()
-        if actual != meta["sha256"]:
+        if actual == meta["sha256"]:
+            break
+        if time.monotonic() >= deadline:
             raise CheckpointError(
                 f"{path}: sha256 mismatch (file {actual[:12]}..., metadata {str(meta['sha256'])[:12]}...); "
                 "the weights were modified or belong to another checkpoint"
             )
+        time.sleep(0.02)
     state = _tensors_from_bytes(data, path)
     try:
         model = build_model(**meta["model_config"])
