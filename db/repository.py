@@ -23,6 +23,8 @@ from db.models import Character, Image, Job, Result, utcnow
 log = logging.getLogger(__name__)
 
 REGISTER_CHUNK = 2_000  # paths per lookup query and insert batch
+# the PostgreSQL advisory lock a registration holds (any 64-bit number; this one spells "captchar" in ASCII)
+REGISTER_LOCK_KEY = 0x6361707463686172
 OUTCOME_CHUNK = 500  # results per multi-row upsert (well under SQLite's bound-parameter limit)
 
 T = TypeVar("T")
@@ -100,6 +102,7 @@ def register_images(
     selected: list[tuple[int, str]] = []
     inserted = 0
     for chunk in _chunks(_unique_files(files), REGISTER_CHUNK):
+        _lock_registration(session, job.id)
         known: dict[str, list[Any]] = {}
         lookup = select(table.c.id, table.c.job_id, table.c.path, table.c.size, table.c.mtime_ns, table.c.status)
         for row in session.execute(lookup.where(_one_of(session, table.c.path, [path for path, _, _ in chunk]))):
@@ -135,6 +138,22 @@ def register_images(
     if inserted:
         session.execute(update(Job).where(Job.id == job.id).values(total=Job.total + inserted))
     return selected
+
+
+def _lock_registration(session: Session, job_id: int) -> None:
+    """Take the lock that makes registrations one at a time, held until the caller's transaction ends.
+
+    Two ``enqueue`` runs of overlapping folders at the same moment each looked the paths up before either had
+    inserted them, so both registered, and the workers decoded, every shared file. On PostgreSQL: a
+    transaction-level advisory lock; on SQLite: the database's write lock, taken by a no-op write before the lookup
+    (the driver begins a transaction only at a write, and a reader never waits for a writer).
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(REGISTER_LOCK_KEY)))
+    elif dialect == "sqlite":
+        jobs = Job.__table__
+        session.execute(update(jobs).where(jobs.c.id == job_id).values(total=jobs.c.total))
 
 
 def _one_of(session: Session, column: Any, values: list[Any]) -> Any:

@@ -171,6 +171,38 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_switch_it_to_wal(tmp_pa
     dispose_engines()
 
 
+def _register_in_a_process(url: str, name: str, files, go, counts) -> None:
+    go.wait(60)
+    with session_factory(url)() as session:
+        job = create_job(session, name)
+        session.commit()
+        counts.put(len(register_images(session, job, files)))
+        session.commit()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_enqueues_of_one_folder_at_once_register_each_file_once(backend, tmp_path, request):
+    """Each looked the paths up before the other had inserted them, so both registered every file (and the workers
+    decoded it twice): registrations now take a lock, and the second finds the first's files pending."""
+    url = f"sqlite:///{tmp_path / 'enqueue.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    upgrade(url)
+    context = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        files = [(f"/data/race{round_}/{k}.png", 100 + k, 1_000 + k) for k in range(300)]
+        go, counts = context.Event(), context.Queue()
+        names = [f"r{round_}-{k}" for k in range(2)]
+        workers = [context.Process(target=_register_in_a_process, args=(url, n, files, go, counts)) for n in names]
+        for worker in workers:
+            worker.start()
+        go.set()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0, 0]
+        registered = sorted(counts.get(timeout=5) for _ in workers)
+        assert registered == [0, 300], f"round {round_}: {registered}"
+    dispose_engines()
+
+
 def test_an_upgrade_with_nothing_to_do_takes_no_lock(tmp_path):
     """A current schema is left alone without the write lock a migration takes: a process holding a write
     transaction on the same file (a session with pending rows) does not make it wait."""
