@@ -92,8 +92,9 @@ def register_images(
 
     A file already pending or done in any job with the same size and mtime is skipped unless ``force``; a failed
     or changed file is registered again. A path the job already holds is reset to pending rather than duplicated.
-    Paths are made absolute; duplicates in ``files`` count once. Works in chunks: one indexed lookup, one bulk
-    insert and at most one bulk update per chunk.
+    Paths are made absolute; duplicates in ``files`` count once. Works in chunks: the registration lock (held until
+    the caller's transaction ends, see ``_lock_registration``), one indexed lookup, one bulk insert and at most one
+    bulk update per chunk.
     """
     if job.id is None:
         session.flush()
