@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -413,16 +414,26 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("synth", total=count)
-        if workers == 1:
+    if workers == 1:
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task("synth", total=count)
             for job in jobs:
                 _write_one(job)
                 bar.advance(task)
-        else:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with context.Pool(workers) as pool:
-                for _ in pool.imap_unordered(_write_one, jobs, chunksize=16):
-                    bar.advance(task)
+        return count
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    # the workers are forked before the progress bar starts its refresh thread: a fork while that thread held a
+    # lock (the console's, stdout's) left a child that hung on it, and the pool's exit waiting for it for ever
+    with context.Pool(workers, initializer=_init_worker) as pool:
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task("synth", total=count)
+            for _ in pool.imap_unordered(_write_one, jobs, chunksize=16):
+                bar.advance(task)
     return count
+
+
+def _init_worker() -> None:
+    """In each pool process: SIGTERM's default action, so the pool's ``terminate()`` always ends it. A handler the
+    parent had set (``demo`` turns SIGTERM into an exception) would run Python-level exit code in the child instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
