@@ -124,11 +124,11 @@ def _upgrade_in_a_process(url: str, ready, go) -> None:
     upgrade(url)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_processes_upgrading_a_new_database_at_once_all_succeed(backend, tmp_path, request):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_processes_upgrading_a_new_database_at_once_all_succeed(backend, request):
     """Two ``enqueue`` runs on a new database both create its schema: the second waits for the first, then finds
     it (on PostgreSQL, without the advisory lock, all but one failed on a duplicate type)."""
-    url = f"sqlite:///{tmp_path / 'race.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    url = request.getfixturevalue(f"{backend}_url")
     context = multiprocessing.get_context("spawn")
     ready, go = context.Semaphore(0), context.Event()
     workers = [context.Process(target=_upgrade_in_a_process, args=(url, ready, go)) for _ in range(4)]
@@ -180,11 +180,11 @@ def _register_in_a_process(url: str, name: str, files, go, counts) -> None:
         session.commit()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_enqueues_of_one_folder_at_once_register_each_file_once(backend, tmp_path, request):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_two_enqueues_of_one_folder_at_once_register_each_file_once(backend, request):
     """Each looked the paths up before the other had inserted them, so both registered every file (and the workers
     decoded it twice): registrations now take a lock, and the second finds the first's files pending."""
-    url = f"sqlite:///{tmp_path / 'enqueue.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    url = request.getfixturevalue(f"{backend}_url")
     upgrade(url)
     context = multiprocessing.get_context("fork")
     for round_ in range(5):
